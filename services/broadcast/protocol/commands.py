@@ -1,0 +1,80 @@
+"""What a WebSocket client may send, parsed from one text frame (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from broadcast.protocol.errors import ErrorCode, ProtocolError
+from broadcast.protocol.limits import MAX_REF_CHARS
+from broadcast.protocol.validate import check_channel, check_name, check_text
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    name: str | None
+    channel: str | None
+    echo: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    text: str
+    ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+Command = Hello | Publish | Ping
+
+
+def parse_frame(text: str) -> Command:
+    """A frame starting with ``{`` is a JSON command; any other text is a message to publish."""
+    if not text.lstrip().startswith("{"):
+        return Publish(check_text(text), None)
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_JSON, "a command is a JSON object")
+    ref = _optional_ref(obj)
+    kind = obj.get("type")
+    try:
+        if kind == "publish":
+            return Publish(check_text(obj.get("text")), ref)
+        if kind == "hello":
+            return _hello(obj)
+        if kind == "ping":
+            return Ping()
+    except ProtocolError as exc:
+        exc.ref = ref
+        raise
+    raise ProtocolError(ErrorCode.BAD_COMMAND, f"unknown command type {kind!r}", ref)
+
+
+def _optional_ref(obj: dict[str, object]) -> str | None:
+    ref = obj.get("ref")
+    if ref is None:
+        return None
+    if not isinstance(ref, str) or len(ref) > MAX_REF_CHARS:
+        raise ProtocolError(
+            ErrorCode.BAD_COMMAND, f"ref must be a string of at most {MAX_REF_CHARS} characters"
+        )
+    return ref
+
+
+def _hello(obj: dict[str, object]) -> Hello:
+    name = obj.get("name")
+    channel = obj.get("channel")
+    echo = obj.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ProtocolError(ErrorCode.BAD_COMMAND, "echo must be true or false")
+    return Hello(
+        name=None if name is None else check_name(name),
+        channel=None if channel is None else check_channel(channel),
+        echo=echo,
+    )

@@ -1,0 +1,36 @@
+"""Stable error codes clients can act on; the human message beside them may change."""
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    BAD_JSON = "bad_json"
+    BAD_COMMAND = "bad_command"
+    BAD_NAME = "bad_name"
+    BAD_CHANNEL = "bad_channel"
+    BAD_TEXT = "bad_text"
+    TEXT_TOO_LONG = "text_too_long"
+    LINE_TOO_LONG = "line_too_long"
+    INVALID_UTF8 = "invalid_utf8"
+    BINARY_NOT_SUPPORTED = "binary_not_supported"
+    BUS_UNAVAILABLE = "bus_unavailable"
+
+
+class ProtocolError(Exception):
+    """Input a client sent that is refused; the connection itself stays usable."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+class CloseCode:
+    """WebSocket close codes the gateway uses (docs/protocol.md)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    MESSAGE_TOO_BIG = 1009
+    SLOW = 4008

@@ -1,0 +1,24 @@
+"""Limits of the protocol, in one place so the server, the CLI and the docs agree."""
+
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+DEFAULT_PORT: Final = 12345  # the original tool's port
+DEFAULT_CHANNEL: Final = "general"
+
+# 4 KiB of text is a long chat message; JSON escaping can at most ~6x it, hence the frame limit.
+MAX_TEXT_BYTES: Final = 4096
+MAX_FRAME_BYTES: Final = 65536
+MAX_LINE_BYTES: Final = 4096
+MAX_NAME_CHARS: Final = 32
+MAX_CHANNEL_CHARS: Final = 64
+MAX_REF_CHARS: Final = 64
+
+# Past this much unsent data a client is "slow" and is disconnected (Centrifugo's default too).
+OUTBOX_LIMIT_BYTES: Final = 1 << 20
+
+# Capped history per channel in Redis (XADD MAXLEN ~).
+HISTORY_LENGTH: Final = 1000
+
+# A line client may connect and only listen: after this long without bytes it is greeted.
+SNIFF_TIMEOUT_SECONDS: Final = 0.3

@@ -1,6 +1,6 @@
-"""Message buses: how gateways hear each other. MemoryBus for one process, RedisBus for a cluster."""
+"""Message buses: how gateways hear each other (MemoryBus: one process; RedisBus: a cluster)."""
 
-from broadcast.bus.base import Bus, BusUnavailable, Delivery, DeliverBatch
+from broadcast.bus.base import Bus, BusUnavailable, DeliverBatch, Delivery
 from broadcast.bus.memory import MemoryBus
 
 __all__ = ["Bus", "BusUnavailable", "DeliverBatch", "Delivery", "MemoryBus"]

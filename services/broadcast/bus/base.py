@@ -34,7 +34,10 @@ class Bus(Protocol):
     """How the bus describes itself in logs, e.g. ``memory`` or ``redis://127.0.0.1:6379/0``."""
 
     async def run(
-        self, deliver: DeliverBatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        deliver: DeliverBatch,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Keep the bus connected until cancelled, handing received batches to ``deliver``.
 

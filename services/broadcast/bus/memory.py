@@ -21,7 +21,10 @@ class MemoryBus:
         self._last_id: dict[str, tuple[int, int]] = {}
 
     async def run(
-        self, deliver: DeliverBatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        deliver: DeliverBatch,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._deliver = deliver
         try:

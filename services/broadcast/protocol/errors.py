@@ -33,4 +33,5 @@ class CloseCode:
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     MESSAGE_TOO_BIG = 1009
+    SERVICE_RESTART = 1012  # draining: reconnect, the load balancer picks a live gateway
     SLOW = 4008

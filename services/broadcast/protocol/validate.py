@@ -6,14 +6,12 @@ import unicodedata
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import MAX_CHANNEL_CHARS, MAX_NAME_CHARS, MAX_TEXT_BYTES
 
-_CHANNEL_RE = re.compile(r"[A-Za-z0-9._-]{1,%d}" % MAX_CHANNEL_CHARS)
+_CHANNEL_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_CHANNEL_CHARS}}}")
 
 
 def _has_control(text: str, allowed: str = "") -> bool:
     """Cc (C0, DEL, C1) and the bidi/format controls that can disguise text (Cf)."""
-    return any(
-        unicodedata.category(ch) in ("Cc", "Cf") and ch not in allowed for ch in text
-    )
+    return any(unicodedata.category(ch) in ("Cc", "Cf") and ch not in allowed for ch in text)
 
 
 def check_channel(channel: object) -> str:

@@ -17,3 +17,22 @@ def encode_text_frame(payload: bytes) -> bytes:
     else:
         header = bytes((_FIN_TEXT, 127)) + size.to_bytes(8, "big")
     return header + payload
+
+
+_FIN_CLOSE = 0x88
+_FIN_PONG = 0x8A
+
+
+def _frame(first_byte: int, payload: bytes) -> bytes:
+    # Control frames carry at most 125 bytes (RFC 6455 section 5.5).
+    return bytes((first_byte, len(payload))) + payload
+
+
+def encode_close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame; the reason is cut to fit the 125-byte control-frame limit."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return _frame(_FIN_CLOSE, payload)
+
+
+def encode_pong_frame(payload: bytes) -> bytes:
+    return _frame(_FIN_PONG, payload[:125])

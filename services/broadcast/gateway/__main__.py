@@ -1,0 +1,3 @@
+from broadcast.gateway.command import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""``broadcast-server``: start a gateway, or ``connect`` as a client (same as broadcast-cli)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+import trio
+
+from broadcast.bus.base import Bus
+from broadcast.bus.memory import MemoryBus
+from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS, Gateway
+from broadcast.protocol.limits import DEFAULT_PORT
+
+log = logging.getLogger("broadcast.gateway")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"BROADCAST_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broadcast-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser(
+        "start",
+        help="run a gateway",
+        description="Run a gateway. Every flag can also be set as a BROADCAST_* variable.",
+    )
+    start.add_argument(
+        "--host", default=_env("HOST", "127.0.0.1"), help="address to bind (BROADCAST_HOST)"
+    )
+    start.add_argument(
+        "--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
+        help=f"port for WebSocket, line and HTTP clients; 0: any free one (default {DEFAULT_PORT})",
+    )  # fmt: skip
+    start.add_argument(
+        "--redis-url", default=_env("REDIS_URL"),
+        help="redis:// or rediss:// URL; without it, an in-process bus for one gateway",
+    )  # fmt: skip
+    start.add_argument(
+        "--node-id", default=_env("NODE_ID", f"{socket.gethostname()}-{os.getpid()}"),
+        help="this gateway's name in logs and messages (default: host name and pid)",
+    )  # fmt: skip
+    start.add_argument(
+        "--drain-timeout", type=float,
+        default=float(_env("DRAIN_TIMEOUT", str(DRAIN_TIMEOUT_SECONDS)) or DRAIN_TIMEOUT_SECONDS),
+        help="seconds clients get to leave on SIGTERM before they are cut off",
+    )  # fmt: skip
+    start.add_argument(
+        "--log-level", default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )  # fmt: skip
+    commands.add_parser(
+        "connect", help="chat in a terminal (same as broadcast-cli connect)", add_help=False
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["connect"]:
+        from broadcast.client.command import main as client_main
+
+        return client_main(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    gateway = Gateway(
+        make_bus(args.redis_url),
+        node_id=args.node_id,
+        host=args.host,
+        port=args.port,
+        drain_timeout=args.drain_timeout,
+    )
+    trio.run(serve_until_signalled, gateway)
+    return 0
+
+
+def make_bus(redis_url: str | None) -> Bus:
+    if not redis_url:
+        return MemoryBus()
+    from broadcast.bus.redis_bus import RedisBus
+
+    return RedisBus(redis_url)
+
+
+async def serve_until_signalled(gateway: Gateway) -> None:
+    """SIGINT or SIGTERM drains the gateway; a second one stops it at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain_on_signal, signals, gateway, nursery.cancel_scope)
+            await gateway.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _drain_on_signal(
+    signals: trio.abc.ReceiveChannel[int], gateway: Gateway, everything: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if gateway.draining:
+            log.warning("second %s: stopping now", name)
+            everything.cancel()
+            return
+        log.info("%s: draining", name)
+        gateway.stop()

@@ -1,0 +1,97 @@
+"""Local membership by channel, and the fan-out of bus batches to the members on this gateway."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from broadcast.bus.base import Bus, Delivery
+from broadcast.protocol.envelope import decode
+from broadcast.protocol.lines import render_event
+from broadcast.protocol.websocket_frames import encode_text_frame
+
+log = logging.getLogger("broadcast.gateway.hub")
+
+
+class Member(Protocol):
+    """What the fan-out needs of a client session."""
+
+    origin: str
+    channel: str
+    echo: bool
+    speaks_websocket: bool
+
+    def send(self, data: bytes) -> None: ...
+
+
+class ChannelHub:
+    """Knows who is in which channel here; subscribes on the bus only where someone listens."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._members: dict[str, set[Member]] = {}
+        # Serialises SUBSCRIBE/UNSUBSCRIBE so a join never races the last leave of a channel.
+        self._subscription_lock = trio.Lock()
+        self.deliveries = 0
+
+    def channel_count(self) -> int:
+        return len(self._members)
+
+    def member_count(self) -> int:
+        return sum(len(members) for members in self._members.values())
+
+    async def add(self, member: Member) -> None:
+        """Join ``member.channel``; returns once messages published afterwards will reach it."""
+        async with self._subscription_lock:
+            members = self._members.get(member.channel)
+            if members is None:
+                await self._bus.subscribe(member.channel)
+                members = self._members[member.channel] = set()
+            members.add(member)
+
+    async def remove(self, member: Member) -> None:
+        async with self._subscription_lock:
+            members = self._members.get(member.channel)
+            if members is None or member not in members:
+                return
+            members.discard(member)
+            if not members:
+                del self._members[member.channel]
+                await self._bus.unsubscribe(member.channel)
+
+    def discard_now(self, member: Member) -> None:
+        """Drop a member without touching the bus (used while cancelled, when awaiting is not
+        possible); a channel left empty stays subscribed until the next join or leave there."""
+        members = self._members.get(member.channel)
+        if members is not None:
+            members.discard(member)
+
+    def deliver(self, batch: list[Delivery]) -> None:
+        """Fan a batch out in bus order. Each payload is encoded at most once per client kind."""
+        for channel, payload in batch:
+            members = self._members.get(channel)
+            if not members:
+                continue
+            try:
+                event = decode(payload)
+            except ValueError:
+                log.warning("dropping a malformed payload on channel %r: %.80r", channel, payload)
+                continue
+            origin = event.get("origin")
+            frame: bytes | None = None
+            line: bytes | None = None
+            for member in members:
+                if member.origin == origin and not member.echo:
+                    continue
+                if member.speaks_websocket:
+                    if frame is None:
+                        frame = encode_text_frame(payload)
+                    member.send(frame)
+                else:
+                    if line is None:
+                        line = render_event(event) or b""
+                    if line:
+                        member.send(line)
+                self.deliveries += 1

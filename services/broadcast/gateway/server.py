@@ -1,0 +1,166 @@
+"""The gateway: one port for WebSocket, line and HTTP clients, fanned out through a bus.
+
+Task tree (every task has an owner):
+
+    Gateway.run
+    ├── bus.run                       connections to Redis, or the in-process bus
+    ├── accept loop                   trio.serve_listeners, cancelled first when draining
+    └── handler nursery               one task per connection, bounded by the drain deadline
+        └── ClientSession.serve       a nursery with the session's writer and its reader
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import trio
+from wsproto.utilities import RemoteProtocolError
+
+from broadcast.bus.base import Bus
+from broadcast.gateway.http import BadRequest, HttpRequest, read_request, response
+from broadcast.gateway.hub import ChannelHub
+from broadcast.gateway.line_session import LineSession
+from broadcast.gateway.session import ClientSession
+from broadcast.gateway.stats import GatewayStats
+from broadcast.gateway.websocket_session import WebSocketSession
+from broadcast.protocol.limits import DEFAULT_CHANNEL, SNIFF_TIMEOUT_SECONDS
+from broadcast.protocol.sniff import Kind, classify
+
+log = logging.getLogger("broadcast.gateway")
+
+# A client that opened an HTTP request must finish its head (and a WebSocket its handshake) soon.
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+DRAIN_TIMEOUT_SECONDS = 10.0
+_SNIFF_BYTES = 16  # enough to tell "GET /" from a line
+
+
+class Gateway:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        node_id: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        default_channel: str = DEFAULT_CHANNEL,
+        drain_timeout: float = DRAIN_TIMEOUT_SECONDS,
+    ) -> None:
+        self.bus = bus
+        self.node_id = node_id
+        self.host = host
+        self.port = port
+        self.default_channel = default_channel
+        self.drain_timeout = drain_timeout
+        self.hub = ChannelHub(bus)
+        self.stats = GatewayStats()
+        self.draining = False
+        self._sessions: set[ClientSession] = set()
+        self._numbers = itertools.count(1)
+        self._accept_scope = trio.CancelScope()
+        self._stop_requested = trio.Event()
+        self._stop_reason = "server shutting down"
+
+    @property
+    def ready(self) -> bool:
+        return self.bus.ready and not self.draining
+
+    def stop(self, reason: str = "server shutting down") -> None:
+        """Begin a graceful drain; ``run`` returns once clients are gone or the drain times out."""
+        self._stop_reason = reason
+        self._stop_requested.set()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run, self.hub.deliver)
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            self.port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as handlers:
+                nursery.start_soon(self._accept, listeners, handlers)
+                log.info(
+                    "listening on %s:%d (WebSocket, lines and HTTP) as node %s; bus: %s",
+                    self.host, self.port, self.node_id, self.bus.name,
+                )  # fmt: skip
+                task_status.started(self)
+                await self._stop_requested.wait()
+                self._begin_drain()
+                handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
+            nursery.cancel_scope.cancel()
+        log.info("stopped")
+
+    def _begin_drain(self) -> None:
+        self.draining = True
+        self._accept_scope.cancel()
+        log.info(
+            "draining: %d clients told to reconnect elsewhere (%.0f s at most)",
+            len(self._sessions), self.drain_timeout,
+        )  # fmt: skip
+        for session in list(self._sessions):
+            session.shut_down(self._stop_reason)
+
+    async def _accept(self, listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
+        with self._accept_scope:
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        number = next(self._numbers)
+        self.stats.connections_total += 1
+        self.stats.connections_open += 1
+        try:
+            session = await self._open_session(stream, number)
+            if session is not None:
+                self._sessions.add(session)
+                try:
+                    await session.serve()
+                finally:
+                    self._sessions.discard(session)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as group:
+            log.debug("connection %d ended: %r", number, group.exceptions[0])
+        except* Exception:
+            log.exception("connection %d failed", number)
+        finally:
+            self.stats.connections_open -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _open_session(self, stream: trio.SocketStream, number: int) -> ClientSession | None:
+        """Tell the protocols apart by the first bytes; a silent client is a line client."""
+        initial = b""
+        with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
+            while classify(initial) is Kind.UNDECIDED:
+                data = await stream.receive_some(_SNIFF_BYTES)
+                if not data:
+                    return None
+                initial += data
+        if classify(initial) is not Kind.HTTP:
+            return LineSession(self, stream, number, initial)
+        with trio.fail_after(HANDSHAKE_TIMEOUT_SECONDS):
+            try:
+                request = await read_request(stream, initial)
+            except BadRequest as exc:
+                await stream.send_all(response(400, f"bad request: {exc}\n".encode()))
+                return None
+            if request.wants_websocket:
+                try:
+                    return await WebSocketSession.accept(
+                        self, stream, number, request.headers, request.target, request.trailing
+                    )
+                except RemoteProtocolError as exc:
+                    await stream.send_all(
+                        response(400, f"bad WebSocket handshake: {exc}\n".encode())
+                    )
+                    return None
+            await stream.send_all(self._answer_http(request))
+        return None
+
+    def _answer_http(self, request: HttpRequest) -> bytes:
+        path = request.target.split(b"?", 1)[0]
+        if path == b"/healthz":
+            return response(200, b"ok\n")
+        if path == b"/readyz":
+            if self.ready:
+                return response(200, b"ready\n")
+            why = b"draining" if self.draining else b"bus not connected"
+            return response(503, b"not ready: " + why + b"\n")
+        return response(404, b"not found; WebSocket clients connect to /\n")

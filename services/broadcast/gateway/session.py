@@ -1,0 +1,148 @@
+"""What every client session shares, whatever its protocol: identity, outbox, publishing.
+
+A session owns one nursery holding its writer and its reader. The fan-out reaches it only
+through ``send`` (a push onto the bounded outbox); leaving is done in ``finally``, shielded and
+bounded, so a cancelled or crashed connection still says goodbye to its channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from broadcast.bus.base import BusUnavailable
+from broadcast.gateway.outbox import Outbox
+from broadcast.protocol.envelope import event_payload, message_body
+from broadcast.protocol.errors import ErrorCode, ProtocolError
+from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES
+
+if TYPE_CHECKING:
+    from broadcast.gateway.server import Gateway
+
+log = logging.getLogger("broadcast.gateway.session")
+
+# A session that ended on its own gets this long to flush its outbox to a client still reading.
+FLUSH_TIMEOUT_SECONDS = 5.0
+# Leaving (hub membership, the leave notice) happens while cancelled; bound it.
+LEAVE_TIMEOUT_SECONDS = 2.0
+RECEIVE_BYTES = 65536
+
+
+class ClientSession:
+    speaks_websocket = False
+
+    def __init__(self, gateway: Gateway, stream: trio.abc.Stream, number: int) -> None:
+        self.gateway = gateway
+        self.stream = stream
+        self.number = number
+        self.origin = f"{gateway.node_id}/{number}"
+        self.name = f"guest-{number}"
+        self.channel = gateway.default_channel
+        self.echo = False
+        self.outbox = Outbox(OUTBOX_LIMIT_BYTES, on_overflow=self._on_overflow)
+        self._scope: trio.CancelScope | None = None
+        self._joined = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.origin} {self.name}@{self.channel}>"
+
+    def send(self, data: bytes) -> None:
+        self.outbox.push(data)
+
+    def _on_overflow(self) -> None:
+        log.warning(
+            "%s is too slow (over %d bytes unsent): disconnecting", self, OUTBOX_LIMIT_BYTES
+        )
+        self.gateway.stats.slow_disconnects += 1
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run the session to its end: greet, join, read until the client or gateway ends it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._write)
+                await self.join()
+                await self.read_until_done()
+                self.outbox.close(self.goodbye())
+                nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT_SECONDS
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT_SECONDS):
+                await self.leave()
+                if self.outbox.overflowed and not self.outbox.writing:
+                    with trio.move_on_after(1):
+                        await self.stream.send_all(self.slow_notice())
+
+    async def _write(self) -> None:
+        await self.outbox.write_until_closed(self.stream.send_all)
+        # Closed and flushed: nothing more to say, so the reader ends too.
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def shut_down(self, reason: str) -> None:
+        """The gateway is draining: tell the client to go elsewhere, then end the session."""
+        self.outbox.close(self.drain_notice(reason))
+
+    async def join(self) -> None:
+        await self.gateway.hub.add(self)
+        self._joined = True
+        await self._announce("join")
+
+    async def leave(self) -> None:
+        if not self._joined:
+            return
+        self._joined = False
+        await self.gateway.hub.remove(self)
+        await self._announce("leave")
+
+    async def change_identity(self, name: str | None, channel: str | None) -> None:
+        """A rename or a move reads as leaving and joining again, for everyone."""
+        new_name, new_channel = name or self.name, channel or self.channel
+        if (new_name, new_channel) == (self.name, self.channel):
+            return
+        await self.leave()
+        self.name, self.channel = new_name, new_channel
+        await self.join()
+
+    async def _announce(self, kind: str) -> None:
+        payload = event_payload(kind, self.channel, self.name, round(time.time(), 3), self.origin)
+        try:
+            await self.gateway.bus.publish_event(self.channel, payload)
+        except BusUnavailable:
+            log.info("%s: %s notice not sent, the bus is unavailable", self, kind)
+
+    async def publish(self, text: str) -> str:
+        """Publish through the bus; the id is Redis's. Raises ProtocolError when not accepted."""
+        body = message_body(self.channel, self.name, text, round(time.time(), 3), self.origin)
+        try:
+            message_id = await self.gateway.bus.publish_message(self.channel, body)
+        except BusUnavailable as exc:
+            self.gateway.stats.publish_failures += 1
+            raise ProtocolError(
+                ErrorCode.BUS_UNAVAILABLE, f"message not accepted, try again: {exc}"
+            ) from None
+        self.gateway.stats.messages_in += 1
+        return message_id
+
+    # -- protocol-specific -----------------------------------------------------------------
+
+    async def read_until_done(self) -> None:
+        raise NotImplementedError
+
+    def goodbye(self) -> bytes:
+        """The last bytes for a client when the session ends normally."""
+        return b""
+
+    def slow_notice(self) -> bytes:
+        """What a slow client is told, if its socket still takes it."""
+        return b""
+
+    def drain_notice(self, reason: str) -> bytes:
+        """The last bytes for a client when the gateway drains."""
+        return b""

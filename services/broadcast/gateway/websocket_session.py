@@ -1,0 +1,203 @@
+"""A WebSocket client: wsproto parses what it sends; we encode what it gets (docs/protocol.md).
+
+Incoming frames are parsed by wsproto, the sans-IO engine under trio-websocket. Outgoing frames
+are encoded by ``protocol.websocket_frames`` so that one encoded message frame can be written to
+every client of the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
+
+from broadcast.gateway.session import RECEIVE_BYTES, ClientSession
+from broadcast.protocol import commands
+from broadcast.protocol.envelope import encode
+from broadcast.protocol.errors import CloseCode, ErrorCode, ProtocolError
+from broadcast.protocol.limits import MAX_FRAME_BYTES, MAX_TEXT_BYTES, PROTOCOL_VERSION
+from broadcast.protocol.validate import check_channel, check_name
+from broadcast.protocol.websocket_frames import (
+    encode_close_frame,
+    encode_pong_frame,
+    encode_text_frame,
+)
+
+if TYPE_CHECKING:
+    from broadcast.gateway.server import Gateway
+
+log = logging.getLogger("broadcast.gateway.websocket")
+
+
+class WebSocketSession(ClientSession):
+    speaks_websocket = True
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        stream: trio.abc.Stream,
+        number: int,
+        connection: WSConnection,
+        resource: str,
+    ) -> None:
+        super().__init__(gateway, stream, number)
+        self._ws = connection
+        self._query_errors: list[ProtocolError] = []
+        self._apply_query(resource)
+        self._fragments: list[str] = []
+        self._fragment_bytes = 0
+
+    @classmethod
+    async def accept(
+        cls,
+        gateway: Gateway,
+        stream: trio.abc.Stream,
+        number: int,
+        headers: list[tuple[bytes, bytes]],
+        target: bytes,
+        trailing: bytes,
+    ) -> WebSocketSession:
+        """Complete the handshake of an upgrade request the HTTP layer has already read."""
+        connection = WSConnection(ConnectionType.SERVER)
+        connection.initiate_upgrade_connection(headers, target)
+        request = next(e for e in connection.events() if isinstance(e, Request))
+        await stream.send_all(connection.send(AcceptConnection(extensions=[])))
+        if trailing:
+            connection.receive_data(trailing)
+        return cls(gateway, stream, number, connection, request.target)
+
+    def _apply_query(self, resource: str) -> None:
+        """``ws://host:port/?name=alice&channel=general`` names the client before it joins."""
+        query = parse_qs(urlsplit(resource).query)
+        try:
+            if "name" in query:
+                self.name = check_name(query["name"][-1])
+            if "channel" in query:
+                self.channel = check_channel(query["channel"][-1])
+        except ProtocolError as error:
+            self._query_errors.append(error)
+        self.echo = query.get("echo", ["0"])[-1] in ("1", "true")
+
+    def send_event(self, event: dict[str, object]) -> None:
+        self.send(encode_text_frame(encode(event).encode()))
+
+    def _welcome(self) -> None:
+        self.send_event(
+            {
+                "type": "welcome",
+                "protocol": PROTOCOL_VERSION,
+                "node": self.gateway.node_id,
+                "name": self.name,
+                "channel": self.channel,
+                "limits": {"text_bytes": MAX_TEXT_BYTES, "frame_bytes": MAX_FRAME_BYTES},
+            }
+        )
+
+    def _refuse(self, error: ProtocolError) -> None:
+        self.gateway.stats.count_error(error.code)
+        event: dict[str, object] = {
+            "type": "error",
+            "code": str(error.code),
+            "message": error.message,
+        }
+        if error.ref is not None:
+            event["ref"] = error.ref
+        self.send_event(event)
+
+    async def read_until_done(self) -> None:
+        self._welcome()
+        for error in self._query_errors:
+            self._refuse(error)
+        if await self._handle_events():
+            return
+        while True:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            self._ws.receive_data(data or None)
+            if await self._handle_events() or not data:
+                return
+
+    async def _handle_events(self) -> bool:
+        """Act on what wsproto parsed; True once the connection is over."""
+        for event in self._ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                if self._collect(event):
+                    return True
+                if event.message_finished:
+                    await self._handle_message(event)
+            elif isinstance(event, Ping):
+                self.send(encode_pong_frame(event.payload))
+            elif isinstance(event, CloseConnection):
+                self.outbox.close(encode_close_frame(event.code))
+                return True
+        return False
+
+    def _collect(self, event: TextMessage | BytesMessage) -> bool:
+        """Gather a fragmented message; True when it grew past the frame limit (closes 1009)."""
+        size = len(event.data)
+        self._fragment_bytes += size
+        if self._fragment_bytes > MAX_FRAME_BYTES:
+            self.gateway.stats.count_error("frame_too_large")
+            self.outbox.close(
+                encode_close_frame(CloseCode.MESSAGE_TOO_BIG, f"frame over {MAX_FRAME_BYTES} bytes")
+            )
+            return True
+        if isinstance(event, TextMessage):
+            self._fragments.append(event.data)
+        return False
+
+    async def _handle_message(self, event: TextMessage | BytesMessage) -> None:
+        text = "".join(self._fragments)
+        self._fragments.clear()
+        self._fragment_bytes = 0
+        if isinstance(event, BytesMessage):
+            self._refuse(
+                ProtocolError(
+                    ErrorCode.BINARY_NOT_SUPPORTED, "send text frames (UTF-8 JSON or text)"
+                )
+            )
+            return
+        try:
+            command = commands.parse_frame(text)
+        except ProtocolError as error:
+            self._refuse(error)
+            return
+        try:
+            await self._run(command)
+        except ProtocolError as error:
+            if isinstance(command, commands.Publish):
+                error.ref = command.ref
+            self._refuse(error)
+
+    async def _run(self, command: commands.Command) -> None:
+        if isinstance(command, commands.Publish):
+            message_id = await self.publish(command.text)
+            ack: dict[str, object] = {"type": "ack", "id": message_id}
+            if command.ref is not None:
+                ack["ref"] = command.ref
+            self.send_event(ack)
+        elif isinstance(command, commands.Hello):
+            self.echo = command.echo
+            await self.change_identity(command.name, command.channel)
+            self._welcome()
+        elif isinstance(command, commands.Ping):
+            self.send_event({"type": "pong"})
+
+    def goodbye(self) -> bytes:
+        return encode_close_frame(CloseCode.NORMAL)
+
+    def drain_notice(self, reason: str) -> bytes:
+        return encode_close_frame(CloseCode.SERVICE_RESTART, reason)
+
+    def slow_notice(self) -> bytes:
+        return encode_close_frame(CloseCode.SLOW, "slow: outgoing queue over its limit")

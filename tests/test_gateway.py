@@ -1,0 +1,250 @@
+"""One gateway in the test's own trio run, on a real port, over each bus.
+
+Behaviour every bus must give the same way; cluster behaviour lives in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from broadcast.bus.memory import MemoryBus
+from broadcast.gateway.server import Gateway
+from broadcast.protocol.envelope import parse_id
+from broadcast.protocol.limits import MAX_FRAME_BYTES, MAX_LINE_BYTES, MAX_TEXT_BYTES, OUTBOX_LIMIT_BYTES
+from tests.support.clients import WAIT_SECONDS, line_client, ws_client
+from tests.support.redis_server import RedisServer
+
+
+def _make_bus(kind: str, request: pytest.FixtureRequest):
+    if kind == "memory":
+        return MemoryBus()
+    from broadcast.bus.redis_bus import RedisBus
+
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return RedisBus(server.url)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def gateway(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[Gateway]:
+    bus = _make_bus(request.param, request)
+    gateway = await nursery.start(Gateway(bus, node_id="gw-test").run)
+    with trio.fail_after(WAIT_SECONDS):
+        while not gateway.ready:
+            await trio.sleep(0.01)
+    yield gateway
+    nursery.cancel_scope.cancel()
+
+
+def url(gateway: Gateway) -> str:
+    return f"ws://127.0.0.1:{gateway.port}/"
+
+
+async def test_two_websocket_clients_see_each_other_but_not_themselves(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="alice") as alice, ws_client(url(gateway), name="bob") as bob:
+        assert (await alice.expect("join", skip=()))["name"] == "bob"
+        first = await alice.publish("hello bob")
+        second = await bob.publish("hello alice")
+        got_by_bob = await bob.expect("message")
+        got_by_alice = await alice.expect("message")
+        assert (got_by_bob["sender"], got_by_bob["text"], got_by_bob["id"]) == ("alice", "hello bob", first)
+        assert (got_by_alice["sender"], got_by_alice["text"], got_by_alice["id"]) == ("bob", "hello alice", second)
+        assert parse_id(second) > parse_id(first)
+        # Neither saw its own message: a ping answered next proves nothing else is queued.
+        for client in (alice, bob):
+            await client.send_json({"type": "ping"})
+            assert (await client.expect("pong", skip=())) == {"type": "pong"}
+
+
+async def test_echo_asks_for_own_messages(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="me", echo="1") as me:
+        message_id = await me.publish("to myself")
+        event = await me.expect("message")
+        assert (event["id"], event["text"]) == (message_id, "to myself")
+
+
+async def test_line_and_websocket_clients_on_one_port_see_each_other(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="web") as web, line_client(gateway.port) as nc:
+        await nc.send_line("/name terminal")
+        assert await nc.line() == "* you are now terminal"
+        await nc.send_line("hello from nc")
+        event = await web.expect("message")
+        assert (event["sender"], event["text"]) == ("terminal", "hello from nc")
+        await web.publish("hello from the web")
+        assert await nc.line_not_starting("* ") == "web: hello from the web"
+
+
+async def test_plain_text_frame_is_published_as_text(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="a") as a, ws_client(url(gateway), name="b") as b:
+        await a.ws.send_message("just words, no JSON")
+        ack = await a.expect("ack")
+        event = await b.expect("message")
+        assert (event["text"], event["id"]) == ("just words, no JSON", ack["id"])
+
+
+async def test_clients_in_other_channels_hear_nothing(gateway: Gateway) -> None:
+    async with (
+        ws_client(url(gateway), name="a", channel="one") as a,
+        ws_client(url(gateway), name="b", channel="two") as b,
+        ws_client(url(gateway), name="c", channel="one") as c,
+    ):
+        await a.publish("for one")
+        assert (await c.expect("message"))["text"] == "for one"
+        await b.send_json({"type": "ping"})
+        assert (await b.expect("pong", skip=()))["type"] == "pong"
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "bad_json"),
+        ("[1, 2]", "bad_command"),  # not starting with { : published as text? no: see below
+        ('{"type": "shout", "text": "x"}', "bad_command"),
+        ('{"type": "publish"}', "bad_text"),
+        ('{"type": "publish", "text": "bell\\u0007"}', "bad_text"),
+        ('{"type": "publish", "text": "' + "x" * (MAX_TEXT_BYTES + 1) + '"}', "text_too_long"),
+        ('{"type": "hello", "name": ""}', "bad_name"),
+        ('{"type": "hello", "channel": "no spaces"}', "bad_channel"),
+    ],
+)
+async def test_bad_frames_get_a_clear_error_and_the_connection_stays(
+    gateway: Gateway, frame: str, code: str
+) -> None:
+    async with ws_client(url(gateway), name="bad") as bad, ws_client(url(gateway), name="good") as good:
+        await bad.ws.send_message(frame)
+        if frame.startswith("["):
+            # Text that is not a JSON object is just text: published, acknowledged.
+            await bad.expect("ack")
+            assert (await good.expect("message"))["text"] == frame
+            return
+        error = await bad.expect("error")
+        assert error["code"] == code
+        assert error["message"]
+        await bad.publish("still here")
+        assert (await good.expect("message"))["text"] == "still here"
+
+
+async def test_error_for_a_refused_publish_carries_its_ref(gateway: Gateway) -> None:
+    async with ws_client(url(gateway)) as client:
+        await client.send_json({"type": "publish", "text": "", "ref": "mine"})
+        error = await client.expect("error")
+        assert (error["code"], error["ref"]) == ("bad_text", "mine")
+
+
+async def test_binary_frame_is_refused(gateway: Gateway) -> None:
+    async with ws_client(url(gateway)) as client:
+        await client.ws.send_message(b"\x00\x01")
+        assert (await client.expect("error"))["code"] == "binary_not_supported"
+        await client.publish("text is fine")
+
+
+async def test_oversized_frame_closes_that_client_only(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="good") as good:
+        async with open_websocket_url(url(gateway), max_message_size=10 * MAX_FRAME_BYTES) as big:
+            await big.send_message("x" * (MAX_FRAME_BYTES + 1))
+            with trio.fail_after(WAIT_SECONDS), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await big.get_message()
+            assert closed.value.reason.code == 1009
+        async with ws_client(url(gateway), name="other") as other:
+            await other.publish("after the big one")
+            assert (await good.expect("message"))["text"] == "after the big one"
+
+
+async def test_bad_lines_get_errors_and_the_line_client_stays(gateway: Gateway) -> None:
+    async with line_client(gateway.port) as nc, ws_client(url(gateway), name="web") as web:
+        assert await nc.line() == "* web joined #general"
+        await nc.send_line(b"x" * (MAX_LINE_BYTES + 10))
+        assert (await nc.line()).startswith("! line_too_long:")
+        await nc.send_line(b"caf\xe9")
+        assert (await nc.line()).startswith("! invalid_utf8:")
+        await nc.send_line("/bogus")
+        assert (await nc.line()).startswith("! bad_command:")
+        await nc.send_line("tab\tis fine")
+        event = await web.expect("message")
+        assert event["text"] == "tab\tis fine"
+
+
+async def test_line_client_quits(gateway: Gateway) -> None:
+    async with line_client(gateway.port) as nc:
+        await nc.send_line("/quit")
+        assert (await nc.closed()).endswith(b"* bye\n")
+
+
+async def test_silent_tcp_client_is_greeted_as_a_line_client(gateway: Gateway) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+    async with stream:
+        with trio.fail_after(WAIT_SECONDS):
+            assert (await stream.receive_some(1000)).startswith(b"* welcome")
+
+
+async def test_client_that_disconnects_mid_stream_is_removed(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="stays") as stays:
+        async with ws_client(url(gateway), name="goes") as goes:
+            await goes.publish("bye now")
+        assert (await stays.expect("message"))["text"] == "bye now"
+        leave = await stays.expect("leave", skip=("join",))
+        assert leave["name"] == "goes"
+        with trio.fail_after(WAIT_SECONDS):
+            while gateway.hub.member_count() != 1:
+                await trio.sleep(0.01)
+        async with line_client(gateway.port) as nc:
+            await nc.send_line("still flowing")
+            assert (await stays.expect("message"))["text"] == "still flowing"
+
+
+async def test_slow_client_is_disconnected_and_others_get_everything(gateway: Gateway) -> None:
+    """A client that never reads is cut off at its outbox limit; the fast one loses nothing."""
+    text = "y" * 4000
+    count = (OUTBOX_LIMIT_BYTES * 3) // len(text)  # far more than the kernel and outbox hold
+    slow = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+    async with slow, ws_client(url(gateway), name="fast") as fast, ws_client(url(gateway)) as sender:
+        await slow.send_all(b"\n")  # a line client that will never read again
+        received: list[str] = []
+
+        async def read_fast() -> None:
+            while len(received) < count:
+                received.append((await fast.expect("message"))["text"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_fast)
+            for _ in range(count):
+                await sender.publish(text)
+        assert len(received) == count
+        assert gateway.stats.slow_disconnects == 1
+        with trio.fail_after(WAIT_SECONDS):
+            while gateway.stats.connections_open != 2:
+                await trio.sleep(0.01)
+
+
+async def test_health_endpoints(gateway: Gateway) -> None:
+    for path, status, body in [
+        ("/healthz", b"200", b"ok\n"),
+        ("/readyz", b"200", b"ready\n"),
+        ("/nope", b"404", b"not found"),
+    ]:
+        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            reply = b""
+            with trio.fail_after(WAIT_SECONDS):
+                while chunk := await stream.receive_some(4096):
+                    reply += chunk
+        head, _, content = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] == status
+        assert content.startswith(body)
+
+
+async def test_drain_tells_clients_to_reconnect(gateway: Gateway) -> None:
+    async with open_websocket_url(url(gateway)) as ws, line_client(gateway.port) as nc:
+        json.loads(await ws.get_message())
+        gateway.stop("going for maintenance")
+        with trio.fail_after(WAIT_SECONDS), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason.code == 1012
+        assert (await nc.closed()).endswith(b"* going for maintenance; please reconnect\n")

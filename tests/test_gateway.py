@@ -15,9 +15,15 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from broadcast.bus.memory import MemoryBus
 from broadcast.gateway.server import Gateway
 from broadcast.protocol.envelope import parse_id
-from broadcast.protocol.limits import MAX_FRAME_BYTES, MAX_LINE_BYTES, MAX_TEXT_BYTES, OUTBOX_LIMIT_BYTES
+from broadcast.protocol.limits import (
+    MAX_FRAME_BYTES,
+    MAX_LINE_BYTES,
+    MAX_TEXT_BYTES,
+    OUTBOX_LIMIT_BYTES,
+)
 from tests.support.clients import WAIT_SECONDS, line_client, ws_client
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 
 
 def _make_bus(kind: str, request: pytest.FixtureRequest):
@@ -33,9 +39,7 @@ def _make_bus(kind: str, request: pytest.FixtureRequest):
 async def gateway(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[Gateway]:
     bus = _make_bus(request.param, request)
     gateway = await nursery.start(Gateway(bus, node_id="gw-test").run)
-    with trio.fail_after(WAIT_SECONDS):
-        while not gateway.ready:
-            await trio.sleep(0.01)
+    await wait_until(lambda: gateway.ready)
     yield gateway
     nursery.cancel_scope.cancel()
 
@@ -45,14 +49,25 @@ def url(gateway: Gateway) -> str:
 
 
 async def test_two_websocket_clients_see_each_other_but_not_themselves(gateway: Gateway) -> None:
-    async with ws_client(url(gateway), name="alice") as alice, ws_client(url(gateway), name="bob") as bob:
+    async with (
+        ws_client(url(gateway), name="alice") as alice,
+        ws_client(url(gateway), name="bob") as bob,
+    ):
         assert (await alice.expect("join", skip=()))["name"] == "bob"
         first = await alice.publish("hello bob")
         second = await bob.publish("hello alice")
         got_by_bob = await bob.expect("message")
         got_by_alice = await alice.expect("message")
-        assert (got_by_bob["sender"], got_by_bob["text"], got_by_bob["id"]) == ("alice", "hello bob", first)
-        assert (got_by_alice["sender"], got_by_alice["text"], got_by_alice["id"]) == ("bob", "hello alice", second)
+        assert (got_by_bob["sender"], got_by_bob["text"], got_by_bob["id"]) == (
+            "alice",
+            "hello bob",
+            first,
+        )
+        assert (got_by_alice["sender"], got_by_alice["text"], got_by_alice["id"]) == (
+            "bob",
+            "hello alice",
+            second,
+        )
         assert parse_id(second) > parse_id(first)
         # Neither saw its own message: a ping answered next proves nothing else is queued.
         for client in (alice, bob):
@@ -114,7 +129,10 @@ async def test_clients_in_other_channels_hear_nothing(gateway: Gateway) -> None:
 async def test_bad_frames_get_a_clear_error_and_the_connection_stays(
     gateway: Gateway, frame: str, code: str
 ) -> None:
-    async with ws_client(url(gateway), name="bad") as bad, ws_client(url(gateway), name="good") as good:
+    async with (
+        ws_client(url(gateway), name="bad") as bad,
+        ws_client(url(gateway), name="good") as good,
+    ):
         await bad.ws.send_message(frame)
         if frame.startswith("["):
             # Text that is not a JSON object is just text: published, acknowledged.
@@ -189,9 +207,7 @@ async def test_client_that_disconnects_mid_stream_is_removed(gateway: Gateway) -
         assert (await stays.expect("message"))["text"] == "bye now"
         leave = await stays.expect("leave", skip=("join",))
         assert leave["name"] == "goes"
-        with trio.fail_after(WAIT_SECONDS):
-            while gateway.hub.member_count() != 1:
-                await trio.sleep(0.01)
+        await wait_until(lambda: gateway.hub.member_count() == 1)
         async with line_client(gateway.port) as nc:
             await nc.send_line("still flowing")
             assert (await stays.expect("message"))["text"] == "still flowing"
@@ -202,7 +218,11 @@ async def test_slow_client_is_disconnected_and_others_get_everything(gateway: Ga
     text = "y" * 4000
     count = (OUTBOX_LIMIT_BYTES * 3) // len(text)  # far more than the kernel and outbox hold
     slow = await trio.open_tcp_stream("127.0.0.1", gateway.port)
-    async with slow, ws_client(url(gateway), name="fast") as fast, ws_client(url(gateway)) as sender:
+    async with (
+        slow,
+        ws_client(url(gateway), name="fast") as fast,
+        ws_client(url(gateway)) as sender,
+    ):
         await slow.send_all(b"\n")  # a line client that will never read again
         received: list[str] = []
 
@@ -216,9 +236,7 @@ async def test_slow_client_is_disconnected_and_others_get_everything(gateway: Ga
                 await sender.publish(text)
         assert len(received) == count
         assert gateway.stats.slow_disconnects == 1
-        with trio.fail_after(WAIT_SECONDS):
-            while gateway.stats.connections_open != 2:
-                await trio.sleep(0.01)
+        await wait_until(lambda: gateway.stats.connections_open == 2)
 
 
 async def test_health_endpoints(gateway: Gateway) -> None:

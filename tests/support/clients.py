@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 from collections import deque
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode
 
@@ -14,6 +14,9 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 WAIT_SECONDS = 10  # generous: a busy 2-core CI machine; a correct run never waits this long
+
+
+NOTICES = ("join", "leave")
 
 
 class WsClient:
@@ -29,7 +32,9 @@ class WsClient:
         with trio.fail_after(WAIT_SECONDS):
             return json.loads(await self.ws.get_message())
 
-    async def expect(self, kind: str, *, skip: tuple[str, ...] = ("join", "leave")) -> dict[str, Any]:
+    async def expect(
+        self, kind: str, *, skip: tuple[str, ...] = ("join", "leave")
+    ) -> dict[str, Any]:
         """The next event of ``kind``, passing over notices; any other event fails the test."""
         while True:
             event = await self.event()

@@ -26,7 +26,9 @@ class GatewayProcess:
             argv += ["--redis-url", redis_url]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
         env["PYTHONUNBUFFERED"] = "1"
-        self.process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        self.process = subprocess.Popen(
+            argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
+        )
         self.log: deque[str] = deque(maxlen=2000)
         self.port = self._wait_for_port()
         self._drain = threading.Thread(target=self._read_log, daemon=True)

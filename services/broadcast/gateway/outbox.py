@@ -1,27 +1,60 @@
-"""A client's bounded queue of outgoing bytes, written by one writer that coalesces.
+"""A client's bounded queue of outgoing bytes, flushed with as few writes as possible.
 
-The fan-out only ever calls ``push`` (never awaits a client), so one stalled reader cannot slow
-anyone else. The writer joins everything queued into one ``send_all``: measured, the cost of
-delivery is per write, not per byte (docs/design.md). Past ``limit`` unsent bytes the client is
-slow: the backlog is dropped and ``on_overflow`` ends the session.
+The fan-out only ever calls ``push`` and ``flush`` (it never awaits a client), so one stalled
+reader cannot slow anyone else. Measured (docs/design.md), the cost of a delivery is per write
+and per task wake-up, not per byte, so:
+
+- ``flush`` first tries one non-blocking write of everything queued, straight from the fan-out
+  loop: when the socket has room (the usual case) no task wakes up at all;
+- what the socket does not take is left to the session's writer task, which joins everything
+  queued into one ``send_all`` and keeps the order;
+- past ``limit`` unsent bytes the client is slow: the backlog is dropped and ``on_give_up``
+  ends the session (as it does when a direct write finds the connection broken).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 
 import trio
 
+DirectWrite = Callable[[bytes], int]
+"""Writes what it can without blocking and returns how much; raises OSError when broken."""
+
+
+def socket_direct_write(stream: trio.abc.Stream) -> DirectWrite | None:
+    """A non-blocking write for a plain TCP stream; None for anything else (TLS, memory)."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    fd = stream.socket.fileno()  # trio keeps its sockets non-blocking
+
+    def write(data: bytes) -> int:
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+
+    return write
+
 
 class Outbox:
-    def __init__(self, limit: int, on_overflow: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_give_up: Callable[[], None],
+        direct_write: DirectWrite | None = None,
+    ) -> None:
         self._limit = limit
-        self._on_overflow = on_overflow
+        self._on_give_up = on_give_up
+        self._direct_write = direct_write
         self._chunks: list[bytes] = []
         self._size = 0
         self._wakeup = trio.Event()
+        self._writer_owns_queue = False
         self._closing = False
         self.overflowed = False
+        self.broken: OSError | None = None
         self.writing = False
         """True while a write is under way: cancelling it may leave half a frame on the wire."""
 
@@ -29,8 +62,12 @@ class Outbox:
     def queued_bytes(self) -> int:
         return self._size
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def push(self, data: bytes) -> None:
-        """Queue ``data``; never blocks. Ignored once the outbox is closing or overflowed."""
+        """Queue ``data``; never blocks. Ignored once closing. Call ``flush`` after a batch."""
         if self._closing:
             return
         self._chunks.append(data)
@@ -40,8 +77,34 @@ class Outbox:
             self._closing = True
             self._chunks.clear()
             self._size = 0
-            self._on_overflow()
+            self._on_give_up()
+            self._wakeup.set()
+
+    def flush(self) -> None:
+        """Write what is queued now if the socket takes it; otherwise hand it to the writer."""
+        if not self._chunks or self._writer_owns_queue:
+            return
+        if self._direct_write is not None and not self._closing:
+            data = self._take()
+            try:
+                written = self._direct_write(data)
+            except OSError as exc:
+                self.broken = exc
+                self._closing = True
+                self._on_give_up()
+                self._wakeup.set()
+                return
+            if written == len(data):
+                return
+            self._chunks = [data[written:]]
+            self._size = len(data) - written
+        self._writer_owns_queue = True
         self._wakeup.set()
+
+    def send(self, data: bytes) -> None:
+        """``push`` and ``flush`` one piece: for replies to this client alone."""
+        self.push(data)
+        self.flush()
 
     def close(self, final: bytes = b"") -> None:
         """Send what is queued, then ``final`` (a close frame, a goodbye line), then stop."""
@@ -51,23 +114,25 @@ class Outbox:
             self._chunks.append(final)
             self._size += len(final)
         self._closing = True
+        self._writer_owns_queue = True
         self._wakeup.set()
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
+    def _take(self) -> bytes:
+        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks = []
+        self._size = 0
+        return data
 
     async def write_until_closed(self, send_all: Callable[[bytes], Awaitable[None]]) -> None:
         """The writer task: one ``send_all`` per wake-up, until closed and flushed."""
         while True:
             while not self._chunks:
+                self._writer_owns_queue = False
                 if self._closing:
                     return
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
-            data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-            self._chunks = []
-            self._size = 0
+            data = self._take()
             self.writing = True
             await send_all(data)
             self.writing = False

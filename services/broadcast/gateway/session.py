@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from broadcast.bus.base import BusUnavailable
-from broadcast.gateway.outbox import Outbox
+from broadcast.gateway.outbox import Outbox, socket_direct_write
 from broadcast.protocol.envelope import event_payload, message_body
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES
@@ -42,7 +42,7 @@ class ClientSession:
         self.name = f"guest-{number}"
         self.channel = gateway.default_channel
         self.echo = False
-        self.outbox = Outbox(OUTBOX_LIMIT_BYTES, on_overflow=self._on_overflow)
+        self.outbox = Outbox(OUTBOX_LIMIT_BYTES, self._give_up, socket_direct_write(stream))
         self._scope: trio.CancelScope | None = None
         self._joined = False
 
@@ -50,13 +50,17 @@ class ClientSession:
         return f"<{type(self).__name__} {self.origin} {self.name}@{self.channel}>"
 
     def send(self, data: bytes) -> None:
-        self.outbox.push(data)
+        """Send to this client alone (a reply, an error): queued and flushed at once."""
+        self.outbox.send(data)
 
-    def _on_overflow(self) -> None:
-        log.warning(
-            "%s is too slow (over %d bytes unsent): disconnecting", self, OUTBOX_LIMIT_BYTES
-        )
-        self.gateway.stats.slow_disconnects += 1
+    def _give_up(self) -> None:
+        if self.outbox.broken is not None:
+            log.debug("%s: connection broken: %r", self, self.outbox.broken)
+        else:
+            log.warning(
+                "%s is too slow (over %d bytes unsent): disconnecting", self, OUTBOX_LIMIT_BYTES
+            )
+            self.gateway.stats.slow_disconnects += 1
         if self._scope is not None:
             self._scope.cancel()
 

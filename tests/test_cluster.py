@@ -106,7 +106,9 @@ async def test_redis_monitor_shows_readable_json(
             await client.publish("visible in monitor")
         await read_until(b"visible in monitor")
         await read_until(b"\n")
-        line = next(x for x in output.decode().splitlines() if '"PUBLISH"' in x)
+        line = next(
+            x for x in output.decode().splitlines() if '"PUBLISH"' in x and "visible in" in x
+        )
         payload = line.rsplit('" "', 1)[1].removesuffix('"')
         event = json.loads(payload.encode().decode("unicode_escape"))
         assert event["type"] == "message"

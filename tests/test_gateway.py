@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from broadcast.bus.memory import MemoryBus
@@ -266,3 +267,35 @@ async def test_drain_tells_clients_to_reconnect(gateway: Gateway) -> None:
                 await ws.get_message()
         assert closed.value.reason.code == 1012
         assert (await nc.closed()).endswith(b"* going for maintenance; please reconnect\n")
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        reply = b""
+        with trio.fail_after(WAIT_SECONDS):
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_metrics_parse_as_prometheus_text_and_count(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="a") as a, ws_client(url(gateway), name="b") as b:
+        await a.publish("counted")
+        await b.expect("message")
+        await a.send_json({"type": "nope"})
+        await a.expect("error")
+    status, body = await http_get(gateway.port, "/metrics")
+    assert status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    assert samples[("broadcast_messages_published_total", ())] == 1
+    assert samples[("broadcast_deliveries_total", ())] >= 1
+    assert samples[("broadcast_client_errors_total", (("code", "bad_command"),))] == 1
+    assert samples[("broadcast_ready", ())] == 1
+    assert samples[("broadcast_delivery_lag_seconds_count", ())] >= 1

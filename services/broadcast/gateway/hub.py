@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -34,6 +36,8 @@ class ChannelHub:
         self._members: dict[str, set[Member]] = {}
         # Serialises SUBSCRIBE/UNSUBSCRIBE so a join never races the last leave of a channel.
         self._subscription_lock = trio.Lock()
+        self._watchers: dict[str, Callable[[bytes], None]] = {}
+        self.observe_lag: Callable[[float], None] = lambda seconds: None
         self.deliveries = 0
 
     def channel_count(self) -> int:
@@ -68,11 +72,18 @@ class ChannelHub:
         if members is not None:
             members.discard(member)
 
+    def watch(self, channel: str, callback: Callable[[bytes], None]) -> None:
+        """Hand a channel's payloads to ``callback`` instead of clients (the readiness probe)."""
+        self._watchers[channel] = callback
+
     def deliver(self, batch: list[Delivery]) -> None:
         """Fan a batch out in bus order. Each payload is encoded at most once per client kind."""
+        now = time.time()
         for channel, payload in batch:
             members = self._members.get(channel)
             if not members:
+                if channel in self._watchers:
+                    self._watchers[channel](payload)
                 continue
             try:
                 event = decode(payload)
@@ -80,6 +91,8 @@ class ChannelHub:
                 log.warning("dropping a malformed payload on channel %r: %.80r", channel, payload)
                 continue
             origin = event.get("origin")
+            if event.get("type") == "message":
+                self.observe_lag(now - event.get("ts", now))
             frame: bytes | None = None
             line: bytes | None = None
             for member in members:

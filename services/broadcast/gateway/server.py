@@ -21,6 +21,9 @@ from broadcast.bus.base import Bus
 from broadcast.gateway.http import BadRequest, HttpRequest, read_request, response
 from broadcast.gateway.hub import ChannelHub
 from broadcast.gateway.line_session import LineSession
+from broadcast.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from broadcast.gateway.metrics import GatewayMetrics
+from broadcast.gateway.readiness import ReadinessProbe
 from broadcast.gateway.session import ClientSession
 from broadcast.gateway.stats import GatewayStats
 from broadcast.gateway.websocket_session import WebSocketSession
@@ -54,6 +57,9 @@ class Gateway:
         self.drain_timeout = drain_timeout
         self.hub = ChannelHub(bus)
         self.stats = GatewayStats()
+        self.probe = ReadinessProbe(bus, self.hub, node_id)
+        self.metrics = GatewayMetrics(self)
+        self.hub.observe_lag = self.metrics.delivery_lag.observe
         self.draining = False
         self._sessions: set[ClientSession] = set()
         self._numbers = itertools.count(1)
@@ -63,7 +69,7 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.bus.ready and not self.draining
+        return self.bus.ready and self.probe.live and not self.draining
 
     def stop(self, reason: str = "server shutting down") -> None:
         """Begin a graceful drain; ``run`` returns once clients are gone or the drain times out."""
@@ -75,6 +81,7 @@ class Gateway:
     ) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bus.run, self.hub.deliver)
+            nursery.start_soon(self.probe.run)
             listeners = await trio.open_tcp_listeners(self.port, host=self.host)
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as handlers:
@@ -161,6 +168,8 @@ class Gateway:
         if path == b"/readyz":
             if self.ready:
                 return response(200, b"ready\n")
-            why = b"draining" if self.draining else b"bus not connected"
+            why = b"draining" if self.draining else b"no round trip through the bus"
             return response(503, b"not ready: " + why + b"\n")
+        if path == b"/metrics":
+            return response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
         return response(404, b"not found; WebSocket clients connect to /\n")

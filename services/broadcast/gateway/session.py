@@ -110,6 +110,12 @@ class ClientSession:
         new_name, new_channel = name or self.name, channel or self.channel
         if (new_name, new_channel) == (self.name, self.channel):
             return
+        if new_channel == self.channel:
+            # Same channel: stay a member throughout, so no message is missed while renaming.
+            await self._announce("leave")
+            self.name = new_name
+            await self._announce("join")
+            return
         await self.leave()
         self.name, self.channel = new_name, new_channel
         await self.join()

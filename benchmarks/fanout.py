@@ -21,8 +21,8 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.gateway_process import GatewayProcess  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
 
 TEXT = "x" * 100
 

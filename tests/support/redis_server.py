@@ -7,7 +7,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -19,9 +21,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One real redis-server process; ``stop()``/``start()`` keep the same port."""
+    """One real redis-server process; ``stop()``/``start()`` keep the same port.
 
-    def __init__(self) -> None:
+    ``password`` starts it with ``--requirepass`` (``url`` and ``client()`` then carry it);
+    ``extra_args`` are appended to its command line.
+    """
+
+    def __init__(self, *, password: str | None = None, extra_args: Sequence[str] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run scripts/install-system-deps")
@@ -29,13 +35,18 @@ class RedisServer:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="broadcast-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        self.password = password
+        self.extra_args = list(extra_args)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5
+        )
 
     def start(self) -> None:
         argv = [
@@ -47,6 +58,9 @@ class RedisServer:
             "--dir", str(self.dir),
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
+        if self.password is not None:
+            argv += ["--requirepass", self.password]
+        argv += self.extra_args
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:

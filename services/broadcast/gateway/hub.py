@@ -10,6 +10,7 @@ from typing import Protocol
 import trio
 
 from broadcast.bus.base import Bus, Delivery
+from broadcast.gateway.outbox import Outbox
 from broadcast.protocol.envelope import decode
 from broadcast.protocol.lines import render_event
 from broadcast.protocol.websocket_frames import encode_text_frame
@@ -24,8 +25,10 @@ class Member(Protocol):
     channel: str
     echo: bool
     speaks_websocket: bool
+    outbox: Outbox
+    held: list[tuple[str | None, bytes]] | None
 
-    def send(self, data: bytes) -> None: ...
+    def hold(self, message_id: str | None, data: bytes) -> None: ...
 
 
 class ChannelHub:
@@ -77,8 +80,12 @@ class ChannelHub:
         self._watchers[channel] = callback
 
     def deliver(self, batch: list[Delivery]) -> None:
-        """Fan a batch out in bus order. Each payload is encoded at most once per client kind."""
+        """Fan a batch out in bus order, then flush: at most one write per client per batch.
+
+        Each payload is encoded at most once per kind of client, whatever their number.
+        """
         now = time.time()
+        touched: set[Outbox] = set()
         for channel, payload in batch:
             members = self._members.get(channel)
             if not members:
@@ -91,7 +98,8 @@ class ChannelHub:
                 log.warning("dropping a malformed payload on channel %r: %.80r", channel, payload)
                 continue
             origin = event.get("origin")
-            if event.get("type") == "message":
+            message_id = event.get("id")
+            if message_id is not None:
                 self.observe_lag(now - event.get("ts", now))
             frame: bytes | None = None
             line: bytes | None = None
@@ -101,10 +109,18 @@ class ChannelHub:
                 if member.speaks_websocket:
                     if frame is None:
                         frame = encode_text_frame(payload)
-                    member.send(frame)
+                    data = frame
                 else:
                     if line is None:
                         line = render_event(event) or b""
-                    if line:
-                        member.send(line)
+                    if not line:
+                        continue
+                    data = line
+                if member.held is None:
+                    member.outbox.push(data)
+                    touched.add(member.outbox)
+                else:
+                    member.hold(message_id, data)
                 self.deliveries += 1
+        for outbox in touched:
+            outbox.flush()

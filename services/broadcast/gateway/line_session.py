@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from broadcast.gateway.session import RECEIVE_BYTES, ClientSession
+from broadcast.protocol.envelope import decode
 from broadcast.protocol.errors import ProtocolError
 from broadcast.protocol.lines import (
     LineSplitter,
@@ -15,6 +16,7 @@ from broadcast.protocol.lines import (
     SetName,
     parse_line,
     render_error,
+    render_event,
     render_notice,
 )
 from broadcast.protocol.validate import check_name, check_text
@@ -37,8 +39,13 @@ class LineSession(ClientSession):
             f"#{self.channel} (/name NAME to change it, /quit to leave)"
         )
 
-    async def read_until_done(self) -> None:
+    def greet(self) -> None:
         self.send(self._welcome())
+
+    def render_payload(self, payload: bytes) -> bytes:
+        return render_event(decode(payload)) or b""
+
+    async def read_until_done(self) -> None:
         data = self._initial
         while True:
             for item in self._splitter.feed(data):

@@ -73,12 +73,16 @@ class Outbox:
         self._chunks.append(data)
         self._size += len(data)
         if self._size > self._limit:
-            self.overflowed = True
-            self._closing = True
-            self._chunks.clear()
-            self._size = 0
-            self._on_give_up()
-            self._wakeup.set()
+            self.overflow()
+
+    def overflow(self) -> None:
+        """The client is too slow: drop its backlog and give up on it."""
+        self.overflowed = True
+        self._closing = True
+        self._chunks.clear()
+        self._size = 0
+        self._on_give_up()
+        self._wakeup.set()
 
     def flush(self) -> None:
         """Write what is queued now if the socket takes it; otherwise hand it to the writer."""

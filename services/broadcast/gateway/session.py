@@ -15,7 +15,8 @@ import trio
 
 from broadcast.bus.base import BusUnavailable
 from broadcast.gateway.outbox import Outbox, socket_direct_write
-from broadcast.protocol.envelope import event_payload, message_body
+from broadcast.protocol.commands import Recovery
+from broadcast.protocol.envelope import event_payload, message_body, parse_id, payload_id
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES
 
@@ -43,6 +44,11 @@ class ClientSession:
         self.channel = gateway.default_channel
         self.echo = False
         self.outbox = Outbox(OUTBOX_LIMIT_BYTES, self._give_up, socket_direct_write(stream))
+        self.recovery: Recovery | None = None
+        """What to replay on joining, as asked in the handshake."""
+        self.held: list[tuple[str | None, bytes]] | None = None
+        """Live deliveries kept back while history is replayed, so the client sees one order."""
+        self._held_bytes = 0
         self._scope: trio.CancelScope | None = None
         self._joined = False
 
@@ -72,7 +78,8 @@ class ClientSession:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._write)
-                await self.join()
+                self.greet()
+                await self.join(self.recovery)
                 await self.read_until_done()
                 self.outbox.close(self.goodbye())
                 nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT_SECONDS
@@ -93,10 +100,45 @@ class ClientSession:
         """The gateway is draining: tell the client to go elsewhere, then end the session."""
         self.outbox.close(self.drain_notice(reason))
 
-    async def join(self) -> None:
+    async def join(self, recovery: Recovery | None = None) -> None:
+        if recovery is not None:
+            self.held = []
         await self.gateway.hub.add(self)
         self._joined = True
+        if recovery is not None:
+            await self._recover(recovery)
         await self._announce("join")
+
+    def hold(self, message_id: str | None, data: bytes) -> None:
+        """Keep a live delivery back during a replay; bounded like the outbox."""
+        assert self.held is not None
+        self.held.append((message_id, data))
+        self._held_bytes += len(data)
+        if self._held_bytes > OUTBOX_LIMIT_BYTES:
+            self.held.clear()
+            self.outbox.overflow()
+
+    async def _recover(self, recovery: Recovery) -> None:
+        """Replay history, then release what arrived live meanwhile, minus what was replayed."""
+        if self.held is None:
+            self.held = []
+        try:
+            history = await self.gateway.bus.history(
+                self.channel, after=recovery.since, last=recovery.last
+            )
+            messages, complete = history.messages, history.complete
+        except BusUnavailable:
+            messages, complete = [], False
+        held, self.held, self._held_bytes = self.held, None, 0
+        newest = (-1, -1)
+        for payload in messages:
+            self.outbox.push(self.render_payload(payload))
+            newest = parse_id(payload_id(payload))
+        for message_id, data in held:
+            if message_id is None or parse_id(message_id) > newest:
+                self.outbox.push(data)
+        self.outbox.flush()
+        self.recovered(len(messages), complete)
 
     async def leave(self) -> None:
         if not self._joined:
@@ -105,20 +147,24 @@ class ClientSession:
         await self.gateway.hub.remove(self)
         await self._announce("leave")
 
-    async def change_identity(self, name: str | None, channel: str | None) -> None:
+    async def change_identity(
+        self, name: str | None, channel: str | None, recovery: Recovery | None = None
+    ) -> None:
         """A rename or a move reads as leaving and joining again, for everyone."""
         new_name, new_channel = name or self.name, channel or self.channel
-        if (new_name, new_channel) == (self.name, self.channel):
+        if new_channel != self.channel:
+            await self.leave()
+            self.name, self.channel = new_name, new_channel
+            await self.join(recovery)
             return
-        if new_channel == self.channel:
+        if recovery is not None:
+            self.held = []
+            await self._recover(recovery)
+        if new_name != self.name:
             # Same channel: stay a member throughout, so no message is missed while renaming.
             await self._announce("leave")
             self.name = new_name
             await self._announce("join")
-            return
-        await self.leave()
-        self.name, self.channel = new_name, new_channel
-        await self.join()
 
     async def _announce(self, kind: str) -> None:
         payload = event_payload(kind, self.channel, self.name, round(time.time(), 3), self.origin)
@@ -141,6 +187,16 @@ class ClientSession:
         return message_id
 
     # -- protocol-specific -----------------------------------------------------------------
+
+    def greet(self) -> None:
+        """The first thing a client gets, before any channel traffic."""
+
+    def render_payload(self, payload: bytes) -> bytes:
+        """One bus payload as this client reads it (a replay; live fan-out encodes in the hub)."""
+        raise NotImplementedError
+
+    def recovered(self, count: int, complete: bool) -> None:
+        """Tell the client that the replay is over, and whether anything was lost."""
 
     async def read_until_done(self) -> None:
         raise NotImplementedError

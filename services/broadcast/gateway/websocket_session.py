@@ -85,6 +85,10 @@ class WebSocketSession(ClientSession):
                 self.name = check_name(query["name"][-1])
             if "channel" in query:
                 self.channel = check_channel(query["channel"][-1])
+            history = query.get("history", ["0"])[-1]
+            self.recovery = commands.parse_recovery(
+                query.get("since", [None])[-1], int(history) if history.isdigit() else -1
+            )
         except ProtocolError as error:
             self._query_errors.append(error)
         self.echo = query.get("echo", ["0"])[-1] in ("1", "true")
@@ -115,10 +119,20 @@ class WebSocketSession(ClientSession):
             event["ref"] = error.ref
         self.send_event(event)
 
-    async def read_until_done(self) -> None:
+    def greet(self) -> None:
         self._welcome()
         for error in self._query_errors:
             self._refuse(error)
+
+    def render_payload(self, payload: bytes) -> bytes:
+        return encode_text_frame(payload)
+
+    def recovered(self, count: int, complete: bool) -> None:
+        self.send_event(
+            {"type": "recovered", "channel": self.channel, "count": count, "complete": complete}
+        )
+
+    async def read_until_done(self) -> None:
         if await self._handle_events():
             return
         while True:
@@ -188,7 +202,7 @@ class WebSocketSession(ClientSession):
             self.send_event(ack)
         elif isinstance(command, commands.Hello):
             self.echo = command.echo
-            await self.change_identity(command.name, command.channel)
+            await self.change_identity(command.name, command.channel, command.recovery)
             self._welcome()
         elif isinstance(command, commands.Ping):
             self.send_event({"type": "pong"})

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 
 from broadcast.protocol.errors import ErrorCode, ProtocolError
-from broadcast.protocol.limits import MAX_REF_CHARS
-from broadcast.protocol.validate import check_channel, check_name, check_text
+from broadcast.protocol.limits import HISTORY_LENGTH, MAX_REF_CHARS
+from broadcast.protocol.validate import check_channel, check_message_id, check_name, check_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +15,15 @@ class Hello:
     name: str | None
     channel: str | None
     echo: bool
+    recovery: Recovery | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a joining client asks to be replayed: all after ``since``, or the last ``last``."""
+
+    since: str | None
+    last: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,4 +86,24 @@ def _hello(obj: dict[str, object]) -> Hello:
         name=None if name is None else check_name(name),
         channel=None if channel is None else check_channel(channel),
         echo=echo,
+        recovery=parse_recovery(obj.get("since"), obj.get("history")),
     )
+
+
+def parse_recovery(since: object, history: object) -> Recovery | None:
+    """``since`` (a message id) and ``history`` (a count) from a hello or the handshake query."""
+    if since is None and history in (None, 0):
+        return None
+    if since is not None:
+        since = check_message_id(since)
+    if history is None:
+        history = 0
+    if (
+        isinstance(history, bool)
+        or not isinstance(history, int)
+        or not 0 <= history <= HISTORY_LENGTH
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_COMMAND, f"history is a number of messages from 0 to {HISTORY_LENGTH}"
+        )
+    return Recovery(since, history)

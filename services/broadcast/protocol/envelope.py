@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+_MESSAGE_PREFIX = b'{"type":"message","id":"'
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -16,13 +17,21 @@ def message_body(channel: str, sender: str, text: str, ts: float, origin: str) -
 
 def message_payload(message_id: str, body: bytes) -> bytes:
     """The complete message event once the bus has given it an id."""
-    return b'{"type":"message","id":"' + message_id.encode() + b'",' + body
+    return _MESSAGE_PREFIX + message_id.encode() + b'",' + body
 
 
 def event_payload(kind: str, channel: str, name: str, ts: float, origin: str) -> bytes:
     """A join or leave notice."""
     fields = {"type": kind, "channel": channel, "name": name, "ts": ts, "origin": origin}
     return _compact(fields).encode()
+
+
+def payload_id(payload: bytes) -> str | None:
+    """The id of a message payload without parsing the JSON (hot path); None for notices."""
+    if not payload.startswith(_MESSAGE_PREFIX):
+        return None
+    start = len(_MESSAGE_PREFIX)
+    return payload[start : payload.index(b'"', start)].decode()
 
 
 def encode(event: dict[str, Any]) -> str:

@@ -98,6 +98,8 @@ def render_event(event: dict[str, Any]) -> bytes | None:
         return f"* {event['name']} joined #{event['channel']}\n".encode()
     if kind == "leave":
         return f"* {event['name']} left #{event['channel']}\n".encode()
+    if kind == "gap":
+        return f"* some messages in #{event['channel']} may have been lost\n".encode()
     return None
 
 

@@ -6,6 +6,7 @@ import unicodedata
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import MAX_CHANNEL_CHARS, MAX_NAME_CHARS, MAX_TEXT_BYTES
 
+_MESSAGE_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _CHANNEL_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_CHANNEL_CHARS}}}")
 
 
@@ -52,3 +53,12 @@ def check_text(text: object) -> str:
     except UnicodeEncodeError:
         raise ProtocolError(ErrorCode.BAD_TEXT, "text is not valid Unicode") from None
     return text
+
+
+def check_message_id(message_id: object) -> str:
+    if not isinstance(message_id, str) or not _MESSAGE_ID_RE.fullmatch(message_id):
+        raise ProtocolError(
+            ErrorCode.BAD_COMMAND,
+            "a message id looks like 1732435200123-0 (from a message you got)",
+        )
+    return message_id

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 
 import trio
 from wsproto.utilities import RemoteProtocolError
@@ -27,7 +28,14 @@ from broadcast.gateway.readiness import ReadinessProbe
 from broadcast.gateway.session import ClientSession
 from broadcast.gateway.stats import GatewayStats
 from broadcast.gateway.websocket_session import WebSocketSession
-from broadcast.protocol.limits import DEFAULT_CHANNEL, SNIFF_TIMEOUT_SECONDS
+from broadcast.protocol.errors import ErrorCode, ProtocolError
+from broadcast.protocol.limits import (
+    DEFAULT_CHANNEL,
+    IDLE_TIMEOUT_SECONDS,
+    MAX_CONNECTIONS,
+    SNIFF_TIMEOUT_SECONDS,
+)
+from broadcast.protocol.lines import render_error
 from broadcast.protocol.sniff import Kind, classify
 
 log = logging.getLogger("broadcast.gateway")
@@ -48,6 +56,8 @@ class Gateway:
         port: int = 0,
         default_channel: str = DEFAULT_CHANNEL,
         drain_timeout: float = DRAIN_TIMEOUT_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     ) -> None:
         self.bus = bus
         self.node_id = node_id
@@ -55,6 +65,8 @@ class Gateway:
         self.port = port
         self.default_channel = default_channel
         self.drain_timeout = drain_timeout
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
         self.hub = ChannelHub(bus)
         self.stats = GatewayStats()
         self.probe = ReadinessProbe(bus, self.hub, node_id)
@@ -116,6 +128,7 @@ class Gateway:
         self.stats.connections_total += 1
         self.stats.connections_open += 1
         try:
+            _enable_keepalive(stream)
             session = await self._open_session(stream, number)
             if session is not None:
                 self._sessions.add(session)
@@ -140,13 +153,22 @@ class Gateway:
                 if not data:
                     return None
                 initial += data
+        full = self.stats.connections_open > self.max_connections
+        if full:
+            self.stats.count_error(ErrorCode.SERVER_FULL)
         if classify(initial) is not Kind.HTTP:
+            if full:
+                await stream.send_all(render_error(_server_full()))
+                return None
             return LineSession(self, stream, number, initial)
         with trio.fail_after(HANDSHAKE_TIMEOUT_SECONDS):
             try:
                 request = await read_request(stream, initial)
             except BadRequest as exc:
                 await stream.send_all(response(400, f"bad request: {exc}\n".encode()))
+                return None
+            if request.wants_websocket and full:
+                await stream.send_all(response(503, f"{_server_full().message}\n".encode()))
                 return None
             if request.wants_websocket:
                 try:
@@ -173,3 +195,19 @@ class Gateway:
         if path == b"/metrics":
             return response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
         return response(404, b"not found; WebSocket clients connect to /\n")
+
+
+def _server_full() -> ProtocolError:
+    return ProtocolError(ErrorCode.SERVER_FULL, "this gateway is full; try again or another one")
+
+
+# Half-open TCP (a vanished client, a dead NAT entry) is found by the kernel within ~90 s:
+# probes after 60 s of silence, every 10 s, 3 unanswered ones end the connection.
+_KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+
+
+def _enable_keepalive(stream: trio.SocketStream) -> None:
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE_OPTIONS:
+        if hasattr(socket, name):  # Linux has all three; others use system defaults
+            stream.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

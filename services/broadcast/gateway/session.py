@@ -78,6 +78,7 @@ class ClientSession:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._write)
+                nursery.start_soon(self.keep_alive)
                 self.greet()
                 await self.join(self.recovery)
                 await self.read_until_done()
@@ -187,6 +188,10 @@ class ClientSession:
         return message_id
 
     # -- protocol-specific -----------------------------------------------------------------
+
+    async def keep_alive(self) -> None:
+        """Protocol-specific liveness checks, running beside the reader (none by default:
+        line clients rely on TCP keepalive, since nc cannot answer pings)."""
 
     def greet(self) -> None:
         """The first thing a client gets, before any channel traffic."""

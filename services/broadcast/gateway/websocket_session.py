@@ -30,6 +30,7 @@ from broadcast.protocol.limits import MAX_FRAME_BYTES, MAX_TEXT_BYTES, PROTOCOL_
 from broadcast.protocol.validate import check_channel, check_name
 from broadcast.protocol.websocket_frames import (
     encode_close_frame,
+    encode_ping_frame,
     encode_pong_frame,
     encode_text_frame,
 )
@@ -55,6 +56,7 @@ class WebSocketSession(ClientSession):
         self._ws = connection
         self._query_errors: list[ProtocolError] = []
         self._apply_query(resource)
+        self._last_heard = trio.current_time()
         self._fragments: list[str] = []
         self._fragment_bytes = 0
 
@@ -124,6 +126,20 @@ class WebSocketSession(ClientSession):
         for error in self._query_errors:
             self._refuse(error)
 
+    async def keep_alive(self) -> None:
+        """Ping a quiet client; close one that has said nothing, not even a pong, for too long."""
+        idle_timeout = self.gateway.idle_timeout
+        while True:
+            await trio.sleep_until(self._last_heard + idle_timeout / 3)
+            quiet_for = trio.current_time() - self._last_heard
+            if quiet_for >= idle_timeout:
+                self.gateway.stats.count_error("idle_timeout")
+                self.outbox.close(encode_close_frame(CloseCode.IDLE, "idle: no reply to ping"))
+                return
+            if quiet_for >= idle_timeout / 3:
+                self.send(encode_ping_frame(b"keepalive"))
+                await trio.sleep(idle_timeout / 3)
+
     def render_payload(self, payload: bytes) -> bytes:
         return encode_text_frame(payload)
 
@@ -137,6 +153,7 @@ class WebSocketSession(ClientSession):
             return
         while True:
             data = await self.stream.receive_some(RECEIVE_BYTES)
+            self._last_heard = trio.current_time()
             self._ws.receive_data(data or None)
             if await self._handle_events() or not data:
                 return

@@ -14,6 +14,7 @@ class ErrorCode(StrEnum):
     INVALID_UTF8 = "invalid_utf8"
     BINARY_NOT_SUPPORTED = "binary_not_supported"
     BUS_UNAVAILABLE = "bus_unavailable"
+    SERVER_FULL = "server_full"
 
 
 class ProtocolError(Exception):
@@ -35,3 +36,4 @@ class CloseCode:
     MESSAGE_TOO_BIG = 1009
     SERVICE_RESTART = 1012  # draining: reconnect, the load balancer picks a live gateway
     SLOW = 4008
+    IDLE = 4010  # nothing heard, not even a pong, for the idle timeout

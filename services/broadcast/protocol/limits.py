@@ -20,5 +20,13 @@ OUTBOX_LIMIT_BYTES: Final = 1 << 20
 # Capped history per channel in Redis (XADD MAXLEN ~).
 HISTORY_LENGTH: Final = 1000
 
+# Connections one gateway serves at once; past it new clients are refused with server_full.
+# A connection costs ~20 KiB here; keep this under the process's file limit (ulimit -n).
+MAX_CONNECTIONS: Final = 10000
+
+# A WebSocket client is pinged after a third of this without a word from it, and closed (4010)
+# after all of it: a half-open connection does not hold a slot and an outbox for ever.
+IDLE_TIMEOUT_SECONDS: Final = 60.0
+
 # A line client may connect and only listen: after this long without bytes it is greeted.
 SNIFF_TIMEOUT_SECONDS: Final = 0.3

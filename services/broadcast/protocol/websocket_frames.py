@@ -20,6 +20,7 @@ def encode_text_frame(payload: bytes) -> bytes:
 
 
 _FIN_CLOSE = 0x88
+_FIN_PING = 0x89
 _FIN_PONG = 0x8A
 
 
@@ -36,3 +37,7 @@ def encode_close_frame(code: int, reason: str = "") -> bytes:
 
 def encode_pong_frame(payload: bytes) -> bytes:
     return _frame(_FIN_PONG, payload[:125])
+
+
+def encode_ping_frame(payload: bytes) -> bytes:
+    return _frame(_FIN_PING, payload[:125])

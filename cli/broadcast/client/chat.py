@@ -1,0 +1,184 @@
+"""``broadcast-cli connect``: the interactive chat, whatever the terminal.
+
+Tasks in one nursery: the Link (the network, reconnecting with backoff), the sender (typed lines
+to ``publish`` commands through a small bounded channel), a signal watcher, and the reader of
+typed lines, which is ``run_chat`` itself. Leaving always takes the same path: the input ends
+(``exit``, ``/quit``, Ctrl+C or Ctrl+D at the prompt, end of a pipe, or a signal cancelling the
+reading), lines already typed are sent and their acks awaited for a moment, the Link closes the
+WebSocket with 1000, and only then is the nursery cancelled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import trio
+
+from broadcast.client.connection import (
+    ChatConnection,
+    ChatError,
+    ConnectionLost,
+    Frame,
+    Refused,
+    Target,
+)
+from broadcast.client.link import Link
+from broadcast.client.render import (
+    connected_line,
+    disconnected_line,
+    error_line,
+    message_line,
+    notice_line,
+    render_event,
+)
+from broadcast.client.sanitize import sanitize
+from broadcast.client.signals import wait_for_leave_signal
+from broadcast.client.terminal import Terminal
+
+# Typed lines waiting for the sender. A person never fills it; a pipe simply waits.
+LINE_QUEUE_SIZE = 16
+# On leaving, how long lines already sent may wait for their acks.
+DRAIN_SECONDS = 5.0
+
+QUIT_WORDS = frozenset({"exit", "/quit"})
+HELP = "/quit, exit, Ctrl+C or Ctrl+D to leave"
+
+
+class ChatRoom:
+    """The chat as the person sees it: sends their lines, prints what arrives.
+
+    Called only from trio tasks. Our own lines are printed when the server acks them (the
+    server does not echo them to us), so what is on screen is what others received.
+    """
+
+    def __init__(self, target: Target, terminal: Terminal) -> None:
+        self._target = target
+        self._show = terminal.show
+        self._chat: ChatConnection | None = None
+        self._refs = itertools.count(1)
+        self._unconfirmed: dict[str, str] = {}  # ref -> text: sent, no ack or error yet
+        self._settled = trio.Event()  # set while nothing is unconfirmed
+        self._settled.set()
+        self.first_connection = trio.Event()
+        self.all_sent = trio.Event()  # the input ended and every line was handled
+
+    # --- Sink: called by the Link -------------------------------------------------
+
+    def connected(self, chat: ChatConnection) -> None:
+        self._chat = chat
+        self.first_connection.set()
+        self._show(connected_line(self._target.url, chat.name, chat.channel))
+
+    def received(self, frame: Frame) -> None:
+        kind, event = frame.kind, frame.event
+        ref = event.get("ref")
+        if kind == "ack" and isinstance(ref, str):
+            text = self._confirm(ref)
+            if text is not None and self._chat is not None:
+                self._show(message_line(self._chat.name, text, time.time()))
+        elif kind == "error":
+            if isinstance(ref, str):
+                self._confirm(ref)
+            self._show(error_line(event))
+        elif (line := render_event(event)) is not None:
+            self._show(line)
+
+    def disconnected(self, error: ChatError, retry_in: float) -> None:
+        self._chat = None
+        for text in self._unconfirmed.values():
+            self._show(f"! connection lost before an answer; maybe not sent: {sanitize(text)}")
+        self._unconfirmed.clear()
+        self._settled.set()
+        was_connected = isinstance(error, ConnectionLost)
+        self._show(
+            disconnected_line(self._target.url, error.reason, retry_in, was_connected=was_connected)
+        )
+
+    # --- the person's side ---------------------------------------------------------------
+
+    async def send_lines(self, lines: trio.MemoryReceiveChannel[str]) -> None:
+        """Publish each typed line in order until the input ends."""
+        async with lines:
+            async for line in lines:
+                await self.say(line)
+        self.all_sent.set()
+
+    async def say(self, line: str) -> None:
+        """Publish one typed line, or explain why it was not sent; never drop it silently."""
+        if not line.strip():
+            return
+        if line.startswith("//"):
+            line = line[1:]
+        elif line.startswith("/"):
+            command = sanitize(line.split()[0])
+            self._show(f"! unknown command {command}; {HELP}; //text sends text starting with /")
+            return
+        chat = self._chat
+        if chat is None:
+            self._show(f"! not connected, not sent: {sanitize(line)}")
+            return
+        ref = f"c-{next(self._refs)}"
+        self._unconfirmed[ref] = line
+        if self._settled.is_set():  # never replace an Event someone may be waiting on
+            self._settled = trio.Event()
+        try:
+            await chat.publish(line, ref)
+        except ConnectionLost as exc:
+            if self._confirm(ref) is not None:
+                self._show(f"! not sent ({sanitize(exc.reason)}): {sanitize(line)}")
+
+    async def wait_settled(self) -> None:
+        """Until every line sent has been acked or refused (or the connection dropped)."""
+        while not self._settled.is_set():
+            await self._settled.wait()
+
+    def _confirm(self, ref: str) -> str | None:
+        text = self._unconfirmed.pop(ref, None)
+        if not self._unconfirmed:
+            self._settled.set()
+        return text
+
+
+async def run_chat(target: Target, terminal: Terminal) -> int:
+    """Chat until the person leaves; 0, or 1 when the server refused our hello."""
+    room = ChatRoom(target, terminal)
+    link = Link(target, room)
+    typing = trio.CancelScope()  # reading typed lines; cancelled by a signal or a refusal
+    exit_code = 0
+    terminal.show(notice_line(f"connecting to {target.url} ({HELP})"))
+
+    async def network() -> None:
+        nonlocal exit_code
+        try:
+            await link.run()
+        except Refused as exc:
+            terminal.show(error_line(exc.event))
+            exit_code = 1
+            typing.cancel()
+
+    async def stop_typing_on_signal(*, task_status: trio.TaskStatus[None]) -> None:
+        await wait_for_leave_signal(task_status=task_status)
+        typing.cancel()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stop_typing_on_signal)
+        nursery.start_soon(network)
+        send_lines, receive_lines = trio.open_memory_channel[str](LINE_QUEUE_SIZE)
+        nursery.start_soon(room.send_lines, receive_lines)
+        with typing:
+            async with send_lines:
+                if terminal.waits_for_connection:
+                    await room.first_connection.wait()
+                while (line := await terminal.read_line()) is not None:
+                    if line.strip() in QUIT_WORDS:
+                        break
+                    await send_lines.send(line)
+        with trio.move_on_after(DRAIN_SECONDS) as drain:
+            await room.all_sent.wait()
+            await room.wait_settled()
+        if drain.cancelled_caught:
+            terminal.show(f"! leaving after {DRAIN_SECONDS:g} s without an answer for every line")
+        await link.leave()
+        nursery.cancel_scope.cancel()
+    return exit_code

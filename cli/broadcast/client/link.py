@@ -1,0 +1,84 @@
+"""Staying connected: reconnect after every drop, with backoff, until told to leave."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from broadcast.client.backoff import Backoff
+from broadcast.client.connection import (
+    ChatConnection,
+    ChatError,
+    ConnectionLost,
+    Frame,
+    Target,
+    open_chat,
+)
+
+# A connection that lasted this long resets the backoff; a gateway that accepts and then drops
+# every connection at once is not hammered at the shortest delay.
+STABLE_SECONDS = 5.0
+
+
+class Sink(Protocol):
+    """What a Link reports to; called from the Link's task, one call at a time."""
+
+    def connected(self, chat: ChatConnection) -> None: ...
+
+    def received(self, frame: Frame) -> None: ...
+
+    def disconnected(self, error: ChatError, retry_in: float) -> None: ...
+
+
+class Link:
+    """A connection to ``target`` that comes back after drops, feeding events to ``sink``.
+
+    ``run`` loops until ``leave``; only Refused (the server rejected our hello) ends it early,
+    since retrying would not help. To stop, ``await leave()`` and then cancel ``run``: leaving
+    first lets the close handshake complete (code 1000) before anything is cancelled.
+    """
+
+    def __init__(self, target: Target, sink: Sink, backoff: Backoff | None = None) -> None:
+        self._target = target
+        self._sink = sink
+        self._backoff = backoff or Backoff()
+        self._chat: ChatConnection | None = None
+        self._leaving = False
+
+    async def run(self) -> None:
+        while not self._leaving:
+            welcomed_at: float | None = None
+            try:
+                async with open_chat(self._target) as chat:
+                    welcomed_at = trio.current_time()
+                    self._chat = chat
+                    self._sink.connected(chat)
+                    await self._relay(chat)
+                    return  # we are leaving
+            except ChatError as error:
+                self._chat = None
+                if self._leaving:
+                    return
+                lasted = None if welcomed_at is None else trio.current_time() - welcomed_at
+                if lasted is not None and lasted >= STABLE_SECONDS:
+                    self._backoff.reset()
+                delay = self._backoff.next_delay()
+                self._sink.disconnected(error, delay)
+                await trio.sleep(delay)
+
+    async def _relay(self, chat: ChatConnection) -> None:
+        """Hand events to the sink until the connection ends; returns only when leaving."""
+        try:
+            while True:
+                self._sink.received(await chat.receive())
+        except ConnectionLost:
+            if not self._leaving:
+                raise
+            await chat.wait_closed()
+
+    async def leave(self) -> None:
+        """Stop reconnecting and close the current connection politely (bounded in time)."""
+        self._leaving = True
+        if self._chat is not None:
+            await self._chat.close()

@@ -1,0 +1,89 @@
+"""Server events as the lines a person reads: ``[14:03] alice: hello``.
+
+Pure functions, no I/O. Every string that came from the network is sanitized here, so callers
+can print the result as it is. Notices start with ``* `` and errors with ``! ``, as on the line
+protocol (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from broadcast.client.sanitize import is_unsafe, sanitize
+
+LocalTime = Callable[[float], time.struct_time]
+
+
+def clock(ts: object, local_time: LocalTime = time.localtime) -> str:
+    """``HH:MM`` of a Unix time from the server; the current time when it is missing or bad."""
+    try:
+        moment = local_time(float(ts))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        moment = local_time(time.time())
+    return time.strftime("%H:%M", moment)
+
+
+def _field(event: Mapping[str, Any], key: str) -> str:
+    """A field as text, whatever type a (possibly hostile) server sent; not yet sanitized."""
+    value = event.get(key)
+    return value if isinstance(value, str) else str(value)
+
+
+def message_line(sender: str, text: str, ts: object, local_time: LocalTime = time.localtime) -> str:
+    """One chat message; also used for our own line, which the server does not echo."""
+    return f"[{clock(ts, local_time)}] {sanitize(sender)}: {sanitize(text)}"
+
+
+def render_event(event: Mapping[str, Any], local_time: LocalTime = time.localtime) -> str | None:
+    """The line for a ``message``, ``join`` or ``leave`` event; None for anything else."""
+    kind = event.get("type")
+    if kind == "message":
+        return message_line(
+            _field(event, "sender"), _field(event, "text"), event.get("ts"), local_time
+        )
+    if kind in ("join", "leave"):
+        verb = "joined" if kind == "join" else "left"
+        stamp = clock(event.get("ts"), local_time)
+        name, channel = sanitize(_field(event, "name")), sanitize(_field(event, "channel"))
+        return f"[{stamp}] * {name} {verb} #{channel}"
+    return None
+
+
+def error_text(event: Mapping[str, Any]) -> str:
+    """An ``error`` event as ``code: message``: the stable code, then the words for people."""
+    return f"{sanitize(_field(event, 'code'))}: {sanitize(_field(event, 'message'))}"
+
+
+def error_line(event: Mapping[str, Any]) -> str:
+    return f"! {error_text(event)}"
+
+
+def notice_line(text: str) -> str:
+    """A status line of the client itself (connected, connection lost, …)."""
+    return f"* {sanitize(text)}"
+
+
+def connected_line(url: str, name: str, channel: str) -> str:
+    return notice_line(f"connected to {url} as {name} in #{channel}")
+
+
+def disconnected_line(url: str, reason: str, retry_in: float, *, was_connected: bool) -> str:
+    """``connection lost: …; reconnecting in 1.4 s``, or ``cannot reach …`` for a failed attempt."""
+    if was_connected:
+        return notice_line(f"connection lost: {reason}; reconnecting in {retry_in:.1f} s")
+    return notice_line(f"cannot reach {url}: {reason}; retrying in {retry_in:.1f} s")
+
+
+def json_line(raw: str, event: Mapping[str, Any]) -> str:
+    """The frame exactly as received, for scripts, unless that would not be one safe line.
+
+    The gateway sends compact JSON, so this is the raw text. Raw JSON may still hold line
+    breaks between tokens, or DEL, C1 and bidi characters inside strings (JSON only forbids
+    raw C0 there); such a frame is re-encoded with every non-ASCII character escaped.
+    """
+    if raw.isprintable() or not any(is_unsafe(ch) for ch in raw):
+        return raw
+    return json.dumps(event, ensure_ascii=True, separators=(",", ":"))

@@ -1,0 +1,54 @@
+"""``broadcast-cli send TEXT``: publish one message, wait for its ack, exit.
+
+Exit codes: 0 accepted (the message id is printed on stdout), 1 refused by the server (its
+error code and message on stderr), 2 no server answered, the connection failed or timed out.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+from broadcast.client.connection import ConnectionLost, Refused, Target, Unreachable, open_chat
+from broadcast.client.render import error_text
+from broadcast.client.sanitize import sanitize
+
+PROG = "broadcast-cli"
+ACCEPTED, REFUSED, FAILED = 0, 1, 2
+_REF = "send-1"
+
+
+async def run_send(target: Target, text: str, seconds: float) -> int:
+    """Publish ``text`` within ``seconds``; return an exit code, saying on stderr what failed."""
+    with trio.move_on_after(seconds):
+        try:
+            async with open_chat(target, seconds) as chat:
+                await chat.publish(text, _REF)
+                while True:
+                    frame = await chat.receive()
+                    ref = frame.event.get("ref")
+                    if frame.kind == "ack" and ref == _REF:
+                        print(sanitize(str(frame.event.get("id"))), flush=True)
+                        return ACCEPTED
+                    if frame.kind == "error" and ref in (_REF, None):
+                        _fail(f"refused by the server: {error_text(frame.event)}")
+                        return REFUSED
+        except Refused as exc:
+            _fail(f"the server refused the hello: {error_text(exc.event)}")
+            return REFUSED
+        except Unreachable as exc:
+            _fail(f"cannot reach {target.url}: {exc.reason}")
+            return FAILED
+        except ConnectionLost as exc:
+            _fail(
+                f"connection to {target.url} lost before an answer ({exc.reason}); "
+                "the message may or may not have been sent"
+            )
+            return FAILED
+    _fail(f"no answer from {target.url} within {seconds:g} s")
+    return FAILED
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: {sanitize(message)}", file=sys.stderr, flush=True)

@@ -1,0 +1,82 @@
+"""Running ``broadcast-cli`` as a real subprocess from trio tests, and a raw WebSocket client."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+CLI = (sys.executable, "-m", "broadcast.client")
+
+
+def cli_env() -> dict[str, str]:
+    """The test's environment without BROADCAST_* settings, for a terminal pyte understands."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
+    env.update(TERM="xterm", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+    return env
+
+
+async def run_cli(
+    *args: str, stdin: bytes = b"", seconds: float = 30
+) -> trio.CompletedProcess[bytes]:
+    """Run one ``broadcast-cli`` command to completion, capturing stdout and stderr."""
+    with trio.fail_after(seconds):
+        return await trio.run_process(
+            [*CLI, *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env(),
+        )
+
+
+class LineReader:
+    """Lines from a subprocess pipe, waited for with a deadline; keeps what it read."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self.seen: list[str] = []
+
+    async def line(self, seconds: float = 15) -> str:
+        with trio.fail_after(seconds):
+            while b"\n" not in self._buffer:
+                chunk = await self._stream.receive_some(65536)
+                if not chunk:
+                    raise EOFError(f"stream ended; lines so far: {self.seen}")
+                self._buffer += chunk
+        raw, _, rest = self._buffer.partition(b"\n")
+        self._buffer = bytearray(rest)
+        self.seen.append(raw.decode())
+        return self.seen[-1]
+
+    async def line_containing(self, needle: str, seconds: float = 15) -> str:
+        with trio.fail_after(seconds):
+            while needle not in (line := await self.line(seconds)):
+                pass
+            return line
+
+
+@asynccontextmanager
+async def raw_client(url: str, name: str, channel: str) -> AsyncIterator[WebSocketConnection]:
+    """A WebSocket client written against docs/protocol.md directly, welcomed in ``channel``."""
+    async with open_websocket_url(url) as ws:
+        await ws.send_message(json.dumps({"type": "hello", "name": name, "channel": channel}))
+        await next_event(ws, lambda e: e.get("type") == "welcome" and e.get("channel") == channel)
+        yield ws
+
+
+async def next_event(ws: WebSocketConnection, match: Any, seconds: float = 15) -> dict[str, Any]:
+    """The next event for which ``match(event)`` is true; the others are skipped."""
+    with trio.fail_after(seconds):
+        while True:
+            event = json.loads(await ws.get_message())
+            if match(event):
+                return event

@@ -299,3 +299,18 @@ async def test_metrics_parse_as_prometheus_text_and_count(gateway: Gateway) -> N
     assert samples[("broadcast_client_errors_total", (("code", "bad_command"),))] == 1
     assert samples[("broadcast_ready", ())] == 1
     assert samples[("broadcast_delivery_lag_seconds_count", ())] >= 1
+
+
+async def test_one_shot_clients_can_skip_join_and_leave_notices(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="watcher") as watcher:
+        async with ws_client(url(gateway), name="script", announce="0") as script:
+            await script.publish("from a script")
+        async with ws_client(url(gateway), name="person") as person:
+            await person.publish("from a person")
+        seen = [await watcher.event() for _ in range(4)]
+        assert [(e["type"], e.get("name") or e.get("sender")) for e in seen] == [
+            ("message", "script"),
+            ("join", "person"),
+            ("message", "person"),
+            ("leave", "person"),
+        ]

@@ -43,6 +43,8 @@ class ClientSession:
         self.name = f"guest-{number}"
         self.channel = gateway.default_channel
         self.echo = False
+        self.announce = True
+        """Whether others are told when this client joins and leaves (off for one-shot tools)."""
         self.outbox = Outbox(OUTBOX_LIMIT_BYTES, self._give_up, socket_direct_write(stream))
         self.recovery: Recovery | None = None
         """What to replay on joining, as asked in the handshake."""
@@ -168,6 +170,8 @@ class ClientSession:
             await self._announce("join")
 
     async def _announce(self, kind: str) -> None:
+        if not self.announce:
+            return
         payload = event_payload(kind, self.channel, self.name, round(time.time(), 3), self.origin)
         try:
             await self.gateway.bus.publish_event(self.channel, payload)

@@ -94,6 +94,7 @@ class WebSocketSession(ClientSession):
         except ProtocolError as error:
             self._query_errors.append(error)
         self.echo = query.get("echo", ["0"])[-1] in ("1", "true")
+        self.announce = query.get("announce", ["1"])[-1] not in ("0", "false")
 
     def send_event(self, event: dict[str, object]) -> None:
         self.send(encode_text_frame(encode(event).encode()))

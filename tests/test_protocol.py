@@ -18,6 +18,7 @@ from broadcast.protocol.envelope import (
     parse_id,
 )
 from broadcast.protocol.errors import ErrorCode, ProtocolError
+from broadcast.protocol.http_request import BadRequest, RequestHeadParser
 from broadcast.protocol.limits import MAX_LINE_BYTES, MAX_TEXT_BYTES
 from broadcast.protocol.lines import LineSplitter, Quit, SayText, SetName, parse_line, render_event
 from broadcast.protocol.sniff import Kind, classify
@@ -241,3 +242,40 @@ def test_close_frame_parses_in_wsproto() -> None:
     assert frame.opcode is Opcode.CLOSE
     assert frame.payload[0] == 4008
     assert json.dumps(frame.payload[1])  # a string, cut to fit
+
+
+# -- HTTP request heads ---------------------------------------------------------------------
+
+
+def test_request_head_across_reads() -> None:
+    parser = RequestHeadParser()
+    assert parser.feed(b"GET /readyz HT") is None
+    request = parser.feed(b"TP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\n\r\nextra")
+    assert request is not None
+    assert (request.method, request.target, request.trailing) == (b"GET", b"/readyz", b"extra")
+    assert request.wants_websocket
+
+
+def test_oversized_request_head_is_refused() -> None:
+    parser = RequestHeadParser()
+    with pytest.raises(BadRequest):
+        parser.feed(b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * 20000 + b"\r\n")
+        parser.feed(b"\r\n")
+
+
+def test_request_cut_short_is_refused() -> None:
+    parser = RequestHeadParser()
+    assert parser.feed(b"GET / HTTP/1.1\r\n") is None
+    with pytest.raises(BadRequest):
+        parser.feed(b"")
+
+
+@given(st.binary(max_size=300), st.integers(1, 50))
+def test_any_bytes_give_a_request_need_more_or_bad_request(data: bytes, step: int) -> None:
+    parser = RequestHeadParser()
+    try:
+        for i in range(0, len(data), step):
+            if parser.feed(data[i : i + step]) is not None:
+                return
+    except BadRequest:
+        return

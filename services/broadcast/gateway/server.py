@@ -58,6 +58,7 @@ class Gateway:
         drain_timeout: float = DRAIN_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
     ) -> None:
         self.bus = bus
         self.node_id = node_id
@@ -67,6 +68,7 @@ class Gateway:
         self.drain_timeout = drain_timeout
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
         self.hub = ChannelHub(bus)
         self.stats = GatewayStats()
         self.probe = ReadinessProbe(bus, self.hub, node_id)
@@ -161,26 +163,34 @@ class Gateway:
                 await stream.send_all(render_error(_server_full()))
                 return None
             return LineSession(self, stream, number, initial)
-        with trio.fail_after(HANDSHAKE_TIMEOUT_SECONDS):
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                return await self._handshake(stream, number, initial, full)
+        except trio.TooSlowError:
+            self.stats.count_error("handshake_timeout")
+            return None
+
+    async def _handshake(
+        self, stream: trio.SocketStream, number: int, initial: bytes, full: bool
+    ) -> ClientSession | None:
+        """An HTTP request: a WebSocket upgrade becomes a session; anything else is answered."""
+        try:
+            request = await read_request(stream, initial)
+        except BadRequest as exc:
+            await stream.send_all(response(400, f"bad request: {exc}\n".encode()))
+            return None
+        if request.wants_websocket and full:
+            await stream.send_all(response(503, f"{_server_full().message}\n".encode()))
+            return None
+        if request.wants_websocket:
             try:
-                request = await read_request(stream, initial)
-            except BadRequest as exc:
-                await stream.send_all(response(400, f"bad request: {exc}\n".encode()))
+                return await WebSocketSession.accept(
+                    self, stream, number, request.headers, request.target, request.trailing
+                )
+            except RemoteProtocolError as exc:
+                await stream.send_all(response(400, f"bad WebSocket handshake: {exc}\n".encode()))
                 return None
-            if request.wants_websocket and full:
-                await stream.send_all(response(503, f"{_server_full().message}\n".encode()))
-                return None
-            if request.wants_websocket:
-                try:
-                    return await WebSocketSession.accept(
-                        self, stream, number, request.headers, request.target, request.trailing
-                    )
-                except RemoteProtocolError as exc:
-                    await stream.send_all(
-                        response(400, f"bad WebSocket handshake: {exc}\n".encode())
-                    )
-                    return None
-            await stream.send_all(self._answer_http(request))
+        await stream.send_all(self._answer_http(request))
         return None
 
     def _answer_http(self, request: HttpRequest) -> bytes:

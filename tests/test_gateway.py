@@ -314,3 +314,59 @@ async def test_one_shot_clients_can_skip_join_and_leave_notices(gateway: Gateway
             ("message", "person"),
             ("leave", "person"),
         ]
+
+
+async def test_reconnecting_client_recovers_what_it_missed(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="sender") as sender:
+        ids = [await sender.publish(f"m{i}") for i in range(5)]
+        async with ws_client(url(gateway), name="late", since=ids[1]) as late:
+            replayed = await late.messages(3)
+            assert [m["id"] for m in replayed] == ids[2:]
+            recovered = await late.expect("recovered")
+            assert (recovered["count"], recovered["complete"]) == (3, True)
+            live_id = await sender.publish("live")
+            assert (await late.expect("message"))["id"] == live_id
+
+
+async def test_new_client_may_ask_for_the_last_messages(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="sender") as sender:
+        for i in range(4):
+            await sender.publish(f"m{i}")
+        async with ws_client(url(gateway), name="new", history="2") as new:
+            assert [m["text"] for m in await new.messages(2)] == ["m2", "m3"]
+            assert (await new.expect("recovered"))["count"] == 2
+
+
+async def test_bad_recovery_request_gets_an_error(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), since="yesterday") as client:
+        assert (await client.expect("error"))["code"] == "bad_command"
+        await client.publish("still works")
+
+
+async def test_recovery_under_traffic_keeps_one_order_without_gaps_or_duplicates(
+    gateway: Gateway,
+) -> None:
+    """While history is replayed, live messages are held back and merged by id."""
+    total = 150
+    async with ws_client(url(gateway), name="sender") as sender:
+        first = await sender.publish("m0")
+        published = [first]
+
+        async def keep_publishing() -> None:
+            for i in range(1, total):
+                published.append(await sender.publish(f"m{i}"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_publishing)
+            await wait_until(lambda: len(published) > total // 3)
+            async with ws_client(url(gateway), name="joiner", since=first) as joiner:
+                seen: list[str] = []
+                recovered = None
+                while len(seen) < total - 1:
+                    event = await joiner.event()
+                    if event["type"] == "message":
+                        seen.append(event["id"])
+                    elif event["type"] == "recovered":
+                        recovered = event
+        assert recovered is not None and recovered["complete"]
+        assert seen == published[1:]

@@ -26,6 +26,7 @@ from broadcast.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broadcast.gateway.metrics import GatewayMetrics
 from broadcast.gateway.readiness import ReadinessProbe
 from broadcast.gateway.session import ClientSession
+from broadcast.gateway.static_files import CONTENT_SECURITY_POLICY, static_file
 from broadcast.gateway.stats import GatewayStats
 from broadcast.gateway.websocket_session import WebSocketSession
 from broadcast.protocol.errors import ErrorCode, ProtocolError
@@ -202,6 +203,10 @@ class Gateway:
                 return response(200, b"ready\n")
             why = b"draining" if self.draining else b"no round trip through the bus"
             return response(503, b"not ready: " + why + b"\n")
+        if (static := static_file(path)) is not None:
+            content, content_type = static
+            csp = b"Content-Security-Policy: " + CONTENT_SECURITY_POLICY + b"\r\n"
+            return response(200, content, content_type, csp)
         if path == b"/metrics":
             return response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
         return response(404, b"not found; WebSocket clients connect to /\n")

@@ -54,7 +54,7 @@ async def test_two_websocket_clients_see_each_other_but_not_themselves(gateway: 
         ws_client(url(gateway), name="alice") as alice,
         ws_client(url(gateway), name="bob") as bob,
     ):
-        assert (await alice.expect("join", skip=()))["name"] == "bob"
+        assert (await alice.expect("join", skip=("presence",)))["name"] == "bob"
         first = await alice.publish("hello bob")
         second = await bob.publish("hello alice")
         got_by_bob = await bob.expect("message")
@@ -73,7 +73,7 @@ async def test_two_websocket_clients_see_each_other_but_not_themselves(gateway: 
         # Neither saw its own message: a ping answered next proves nothing else is queued.
         for client in (alice, bob):
             await client.send_json({"type": "ping"})
-            assert (await client.expect("pong", skip=())) == {"type": "pong"}
+            assert (await client.expect("pong", skip=("presence",))) == {"type": "pong"}
 
 
 async def test_echo_asks_for_own_messages(gateway: Gateway) -> None:
@@ -111,7 +111,7 @@ async def test_clients_in_other_channels_hear_nothing(gateway: Gateway) -> None:
         await a.publish("for one")
         assert (await c.expect("message"))["text"] == "for one"
         await b.send_json({"type": "ping"})
-        assert (await b.expect("pong", skip=()))["type"] == "pong"
+        assert (await b.expect("pong", skip=("presence",)))["type"] == "pong"
 
 
 @pytest.mark.parametrize(
@@ -370,3 +370,42 @@ async def test_recovery_under_traffic_keeps_one_order_without_gaps_or_duplicates
                         recovered = event
         assert recovered is not None and recovered["complete"]
         assert seen == published[1:]
+
+
+async def test_presence_snapshot_who_and_line_who(gateway: Gateway) -> None:
+    async with ws_client(url(gateway), name="alice") as alice:
+        assert alice.presence == ["alice"]
+        async with ws_client(url(gateway), name="bob") as bob, line_client(gateway.port) as nc:
+            assert bob.presence == ["alice", "bob"]
+            await nc.send_line("/name carol")
+            assert await nc.line() == "* you are now carol"
+            await nc.send_line("/who")
+            assert await nc.line_not_starting("* you", "* alice", "* bob") == (
+                "* here in #general: alice, bob, carol"
+            )
+            await alice.send_json({"type": "who"})
+            presence = await alice.expect("presence")
+            assert (presence["channel"], presence["members"]) == (
+                "general",
+                ["alice", "bob", "carol"],
+            )
+        await alice.send_json({"type": "who"})
+        assert (await alice.expect("presence"))["members"] == ["alice"]
+
+
+async def test_line_client_switches_channel(gateway: Gateway) -> None:
+    async with (
+        ws_client(url(gateway), name="here", channel="general") as here,
+        ws_client(url(gateway), name="there", channel="other") as there,
+        line_client(gateway.port) as nc,
+    ):
+        await nc.send_line("/join other")
+        assert await nc.line_not_starting("* here") == "* you are now in #other"
+        await nc.send_line("hello other")
+        assert (await there.expect("message"))["text"] == "hello other"
+        await here.publish("general only")
+        await there.publish("other only")
+        assert await nc.line_not_starting("* ") == "there: other only"
+        await nc.send_line("/join no spaces")
+        assert (await nc.line()).startswith("! bad_channel:")
+    await wait_until(lambda: gateway.hub.channel_count() == 0)

@@ -16,7 +16,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 WAIT_SECONDS = 10  # generous: a busy 2-core CI machine; a correct run never waits this long
 
 
-NOTICES = ("join", "leave")
+NOTICES = ("join", "leave", "presence")
 
 
 class WsClient:
@@ -24,6 +24,7 @@ class WsClient:
         self.ws = ws
         self._refs = itertools.count(1)
         self.welcome: dict[str, Any] = {}
+        self.presence: list[str] = []
         self._stash: deque[dict[str, Any]] = deque()
 
     async def event(self) -> dict[str, Any]:
@@ -66,6 +67,9 @@ async def ws_client(url: str, **query: str) -> AsyncIterator[WsClient]:
     async with open_websocket_url(full) as ws:
         client = WsClient(ws)
         client.welcome = await client.expect("welcome")
+        if "since" not in query and "history" not in query:
+            # The snapshot of who is here follows the welcome (after a replay, when one was asked).
+            client.presence = (await client.expect("presence"))["members"]
         yield client
 
 

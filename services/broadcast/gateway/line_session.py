@@ -10,16 +10,18 @@ from broadcast.gateway.session import RECEIVE_BYTES, ClientSession
 from broadcast.protocol.envelope import decode
 from broadcast.protocol.errors import ProtocolError
 from broadcast.protocol.lines import (
+    JoinChannel,
     LineSplitter,
     Quit,
     SayText,
     SetName,
+    Who,
     parse_line,
     render_error,
     render_event,
     render_notice,
 )
-from broadcast.protocol.validate import check_name, check_text
+from broadcast.protocol.validate import check_channel, check_name, check_text
 
 if TYPE_CHECKING:
     from broadcast.gateway.server import Gateway
@@ -36,7 +38,7 @@ class LineSession(ClientSession):
     def _welcome(self) -> bytes:
         return render_notice(
             f"welcome to broadcast on {self.gateway.node_id}: you are {self.name} in "
-            f"#{self.channel} (/name NAME to change it, /quit to leave)"
+            f"#{self.channel} (/name NAME, /join CHANNEL, /who, /quit)"
         )
 
     def greet(self) -> None:
@@ -65,6 +67,12 @@ class LineSession(ClientSession):
             elif isinstance(command, SetName):
                 await self.change_identity(check_name(command.name), None)
                 self.send(render_notice(f"you are now {self.name}"))
+            elif isinstance(command, JoinChannel):
+                await self.change_identity(None, check_channel(command.channel))
+                self.send(render_notice(f"you are now in #{self.channel}"))
+            elif isinstance(command, Who):
+                members = ", ".join(await self.who())
+                self.send(render_notice(f"here in #{self.channel}: {members}"))
             elif isinstance(command, Quit):
                 return Quit
         except ProtocolError as error:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import time
+from collections.abc import Callable
 
 import trio
 from wsproto.utilities import RemoteProtocolError
 
-from broadcast.bus.base import Bus
+from broadcast.bus.base import Bus, BusUnavailable
 from broadcast.gateway.http import BadRequest, HttpRequest, read_request, response
 from broadcast.gateway.hub import ChannelHub
 from broadcast.gateway.line_session import LineSession
@@ -29,6 +31,8 @@ from broadcast.gateway.session import ClientSession
 from broadcast.gateway.static_files import CONTENT_SECURITY_POLICY, static_file
 from broadcast.gateway.stats import GatewayStats
 from broadcast.gateway.websocket_session import WebSocketSession
+from broadcast.presence import MemoryPresence, OnExpired, PresenceStore
+from broadcast.protocol.envelope import event_payload
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import (
     DEFAULT_CHANNEL,
@@ -45,6 +49,10 @@ log = logging.getLogger("broadcast.gateway")
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 DRAIN_TIMEOUT_SECONDS = 10.0
 _SNIFF_BYTES = 16  # enough to tell "GET /" from a line
+EXPIRED_NOTICES_QUEUE = 1000
+
+PresenceFactory = Callable[[OnExpired], PresenceStore]
+"""Builds the presence store, given the gateway's callback for entries that expired."""
 
 
 class Gateway:
@@ -60,6 +68,7 @@ class Gateway:
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
+        presence: PresenceFactory = lambda on_expired: MemoryPresence(),
     ) -> None:
         self.bus = bus
         self.node_id = node_id
@@ -73,6 +82,12 @@ class Gateway:
         self.hub = ChannelHub(bus)
         self.stats = GatewayStats()
         self.probe = ReadinessProbe(bus, self.hub, node_id)
+        self.presence = presence(self._presence_expired)
+        # Leave notices for a dead gateway's clients, published by a task; bounded, and a notice
+        # that does not fit is only logged (presence itself is already right).
+        self._expired_send, self._expired_receive = trio.open_memory_channel[tuple[str, str, str]](
+            EXPIRED_NOTICES_QUEUE
+        )
         self.metrics = GatewayMetrics(self)
         self.hub.observe_lag = self.metrics.delivery_lag.observe
         self.draining = False
@@ -97,6 +112,8 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bus.run, self.hub.deliver)
             nursery.start_soon(self.probe.run)
+            await nursery.start(self.presence.run)
+            nursery.start_soon(self._announce_expired)
             listeners = await trio.open_tcp_listeners(self.port, host=self.host)
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as handlers:
@@ -111,6 +128,21 @@ class Gateway:
                 handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
             nursery.cancel_scope.cancel()
         log.info("stopped")
+
+    def _presence_expired(self, channel: str, key: str, name: str) -> None:
+        try:
+            self._expired_send.send_nowait((channel, key, name))
+        except trio.WouldBlock:
+            log.warning("too many expired presence entries at once; no leave notice for %s", name)
+
+    async def _announce_expired(self) -> None:
+        """A client of a dead gateway left: say so once, on its behalf."""
+        async for channel, key, name in self._expired_receive:
+            payload = event_payload("leave", channel, name, round(time.time(), 3), key)
+            try:
+                await self.bus.publish_event(channel, payload)
+            except BusUnavailable:
+                log.info("no leave notice for %s in #%s: the bus is unavailable", name, channel)
 
     def _begin_drain(self) -> None:
         self.draining = True

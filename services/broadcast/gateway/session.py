@@ -108,9 +108,11 @@ class ClientSession:
             self.held = []
         await self.gateway.hub.add(self)
         self._joined = True
+        await self.gateway.presence.enter(self.channel, self.origin, self.name)
         if recovery is not None:
             await self._recover(recovery)
         await self._announce("join")
+        await self.joined()
 
     def hold(self, message_id: str | None, data: bytes) -> None:
         """Keep a live delivery back during a replay; bounded like the outbox."""
@@ -148,6 +150,7 @@ class ClientSession:
             return
         self._joined = False
         await self.gateway.hub.remove(self)
+        await self.gateway.presence.leave(self.channel, self.origin)
         await self._announce("leave")
 
     async def change_identity(
@@ -167,6 +170,7 @@ class ClientSession:
             # Same channel: stay a member throughout, so no message is missed while renaming.
             await self._announce("leave")
             self.name = new_name
+            await self.gateway.presence.enter(self.channel, self.origin, self.name)
             await self._announce("join")
 
     async def _announce(self, kind: str) -> None:
@@ -199,6 +203,18 @@ class ClientSession:
 
     def greet(self) -> None:
         """The first thing a client gets, before any channel traffic."""
+
+    async def joined(self) -> None:
+        """Called once the client is in its channel (after any replay)."""
+
+    async def who(self) -> list[str]:
+        """Who is in this client's channel, on every gateway."""
+        try:
+            return await self.gateway.presence.members(self.channel)
+        except BusUnavailable:
+            raise ProtocolError(
+                ErrorCode.BUS_UNAVAILABLE, "presence is unavailable, try again"
+            ) from None
 
     def render_payload(self, payload: bytes) -> bytes:
         """One bus payload as this client reads it (a replay; live fan-out encodes in the hub)."""

@@ -224,6 +224,18 @@ class WebSocketSession(ClientSession):
             self._welcome()
         elif isinstance(command, commands.Ping):
             self.send_event({"type": "pong"})
+        elif isinstance(command, commands.Who):
+            await self._send_presence()
+
+    async def joined(self) -> None:
+        try:
+            await self._send_presence()
+        except ProtocolError as error:
+            self._refuse(error)
+
+    async def _send_presence(self) -> None:
+        members = await self.who()
+        self.send_event({"type": "presence", "channel": self.channel, "members": members})
 
     def goodbye(self) -> bytes:
         return encode_close_frame(CloseCode.NORMAL)

@@ -37,7 +37,12 @@ class Ping:
     pass
 
 
-Command = Hello | Publish | Ping
+@dataclass(frozen=True, slots=True)
+class Who:
+    pass
+
+
+Command = Hello | Publish | Ping | Who
 
 
 def parse_frame(text: str) -> Command:
@@ -59,6 +64,8 @@ def parse_frame(text: str) -> Command:
             return _hello(obj)
         if kind == "ping":
             return Ping()
+        if kind == "who":
+            return Who()
     except ProtocolError as exc:
         exc.ref = ref
         raise

@@ -68,11 +68,22 @@ class SayText:
     text: str
 
 
-LineCommand = SetName | Quit | SayText
+@dataclass(frozen=True, slots=True)
+class JoinChannel:
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    pass
+
+
+LineCommand = SetName | Quit | SayText | JoinChannel | Who
 
 
 def parse_line(line: str) -> LineCommand | None:
-    """``/name X``, ``/quit``, ``//text`` (a message starting with ``/``) or a message."""
+    """``/name X``, ``/join C``, ``/who``, ``/quit``, ``//text`` (a message starting with ``/``),
+    or a message."""
     if not line.strip():
         return None
     if line.startswith("//"):
@@ -84,8 +95,13 @@ def parse_line(line: str) -> LineCommand | None:
         return Quit()
     if command == "name":
         return SetName(argument.strip())
+    if command == "join":
+        return JoinChannel(argument.strip())
+    if command == "who":
+        return Who()
     raise ProtocolError(
-        ErrorCode.BAD_COMMAND, f"unknown command /{command}; try /name NAME, /quit or //text"
+        ErrorCode.BAD_COMMAND,
+        f"unknown command /{command}; try /name NAME, /join CHANNEL, /who, /quit or //text",
     )
 
 

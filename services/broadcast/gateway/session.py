@@ -44,7 +44,7 @@ class ClientSession:
         self.channel = gateway.default_channel
         self.echo = False
         self.announce = True
-        """Whether others are told when this client joins and leaves (off for one-shot tools)."""
+        """Whether others see this client: join/leave notices and presence (off for scripts)."""
         self.outbox = Outbox(OUTBOX_LIMIT_BYTES, self._give_up, socket_direct_write(stream))
         self.recovery: Recovery | None = None
         """What to replay on joining, as asked in the handshake."""
@@ -108,7 +108,8 @@ class ClientSession:
             self.held = []
         await self.gateway.hub.add(self)
         self._joined = True
-        await self.gateway.presence.enter(self.channel, self.origin, self.name)
+        if self.announce:
+            await self.gateway.presence.enter(self.channel, self.origin, self.name)
         if recovery is not None:
             await self._recover(recovery)
         await self._announce("join")
@@ -150,7 +151,8 @@ class ClientSession:
             return
         self._joined = False
         await self.gateway.hub.remove(self)
-        await self.gateway.presence.leave(self.channel, self.origin)
+        if self.announce:
+            await self.gateway.presence.leave(self.channel, self.origin)
         await self._announce("leave")
 
     async def change_identity(
@@ -170,7 +172,8 @@ class ClientSession:
             # Same channel: stay a member throughout, so no message is missed while renaming.
             await self._announce("leave")
             self.name = new_name
-            await self.gateway.presence.enter(self.channel, self.origin, self.name)
+            if self.announce:
+                await self.gateway.presence.enter(self.channel, self.origin, self.name)
             await self._announce("join")
 
     async def _announce(self, kind: str) -> None:

@@ -1,0 +1,353 @@
+"""RedisPresence: who is where, for the whole cluster, in one sorted set per channel.
+
+Each gateway writes its own clients' entries with an expiry time (``scripts.py`` has the data
+model) and rewrites them all every ``refresh_interval``, which keeps them alive and heals
+presence after a Redis restart or an outage. A gateway that dies stops refreshing: its entries
+expire after ``ttl`` and the next sweep of a surviving gateway (every ``refresh_interval``)
+removes them and reports each one, exactly once in the cluster, to ``on_expired``. So a killed
+gateway's clients drop out within ``ttl + refresh_interval``.
+
+One connection serves the refresh loop and the calls, one at a time under a lock: presence is a
+few commands per client join or leave, not a hot path. Every call is bounded by
+``command_timeout``, waiting for its turn included. ``enter`` and ``leave`` never raise: while
+Redis is unreachable they only update the local entries, which the next refresh writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from broadcast.bus.base import BusUnavailable
+from broadcast.bus.resp import (
+    Arg,
+    RedisConnection,
+    RedisConnectionError,
+    RedisError,
+    RedisReplyError,
+    RedisTimeout,
+    open_connection,
+    parse_url,
+)
+from broadcast.presence.base import OnExpired
+from broadcast.presence.entries import LocalEntries, Update
+from broadcast.presence.scripts import (
+    MEMBERS,
+    SCRIPTS,
+    UPDATE,
+    Script,
+    decode_member,
+    encode_member,
+    presence_key,
+)
+
+log = logging.getLogger("broadcast.presence.redis")
+
+# Reconnect delays as in RedisBus: full jitter over an exponential range, so a restarted Redis
+# is not hit by every gateway at once, and a Redis that is down costs one attempt per ~5 s.
+BACKOFF_START = 0.1
+BACKOFF_CAP = 5.0
+# A connection that stayed up this long resets the backoff; shorter lives count as flapping.
+STABLE_AFTER = 5.0
+# A channel's set expires this many TTLs after its last write. Every write renews it and no
+# entry lives longer than one TTL past a write, so a live entry never loses its set, while the
+# set of a channel whose gateways all died vanishes by itself.
+KEY_EXPIRY_TTLS = 2
+# After ``members(channel)`` this store sweeps ``channel`` for this many TTLs even without an
+# entry there, so a gateway that only shows the list still sees the dead leave it promptly.
+WATCH_TTLS = 4
+# Script calls per pipelined write in a refresh: each write and its replies stay a few hundred
+# KB even when a gateway's clients are spread over thousands of channels.
+REFRESH_BATCH = 1000
+
+Command = tuple[Script, str, Sequence[Arg]]  # script, channel, arguments
+
+
+class RedisPresence:
+    """The PresenceStore of base.py on Redis; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_expired: OnExpired,
+        ttl: float = 15.0,
+        refresh_interval: float = 5.0,
+        command_timeout: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if not 0 < refresh_interval < ttl:
+            raise ValueError("refresh_interval must be positive and shorter than ttl")
+        if command_timeout <= 0:
+            raise ValueError("command_timeout must be positive")
+        self._address = parse_url(url)
+        self.name = self._address.redacted()
+        """The redacted URL, for logs: the password never appears."""
+        self._on_expired = on_expired
+        self._ttl = ttl
+        self._refresh_interval = refresh_interval
+        self._command_timeout = command_timeout
+        self._ssl_context = ssl_context
+        self._key_expiry_ms = math.ceil(KEY_EXPIRY_TTLS * ttl * 1000)
+        self._entries = LocalEntries(watch_seconds=WATCH_TTLS * ttl)
+        self._connection: RedisConnection | None = None
+        self._lock = trio.Lock()  # one command (or pipeline) on the connection at a time
+        self._lost = trio.Event()  # set by a call that lost the connection: reconnect now
+        self._lost_reason = ""
+        self._running = False
+
+        self.reconnects = 0
+        """Connections re-established after a loss; for metrics."""
+        self.refreshes = 0
+        """Refresh-and-sweep rounds completed; for metrics (and tests that wait for rounds)."""
+        self.expired = 0
+        """Entries of other gateways this store swept and reported to ``on_expired``."""
+
+    @property
+    def ready(self) -> bool:
+        """True while connected to Redis (``members`` can answer)."""
+        return self._connection is not None
+
+    # -- the PresenceStore protocol --------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reports started after the first connection attempt, successful or not."""
+        if self._running:
+            raise RuntimeError("this RedisPresence is already running")
+        self._running = True
+        try:
+            await self._keep_connected(task_status)
+        finally:
+            self._running = False
+
+    async def enter(self, channel: str, key: str, name: str) -> None:
+        replaced = self._entries.enter(channel, key, name)
+        removals = [replaced] if replaced is not None else []
+        written = await self._write(channel, removals, [encode_member(key, name)], "enter")
+        if not written and replaced is not None:
+            self._entries.owe_removal(channel, replaced)
+
+    async def leave(self, channel: str, key: str) -> None:
+        member = self._entries.leave(channel, key)
+        if member is None:
+            await trio.lowlevel.checkpoint()
+            return
+        if not await self._write(channel, [member], [], "leave"):
+            self._entries.owe_removal(channel, member)
+
+    async def members(self, channel: str) -> list[str]:
+        self._entries.watch(channel, trio.current_time())
+        try:
+            (reply,) = await self._call([(MEMBERS, channel, ())])
+        except RedisError as exc:
+            raise BusUnavailable(f"presence unavailable: {exc}") from None
+        if isinstance(reply, RedisReplyError):
+            raise BusUnavailable(f"redis refused the presence query ({reply.code})")
+        return sorted({decode_member(member)[1] for member in reply})
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _update(
+        self, channel: str, removals: list[str], additions: list[str], *, sweep: bool
+    ) -> Command:
+        arguments = (
+            self._ttl,
+            self._key_expiry_ms,
+            "1" if sweep else "0",
+            len(removals),
+            *removals,
+            *additions,
+        )
+        return UPDATE, channel, arguments
+
+    async def _write(
+        self, channel: str, removals: list[str], additions: list[str], what: str
+    ) -> bool:
+        """One update now; False (logged at debug) if Redis did not take it."""
+        try:
+            (reply,) = await self._call([self._update(channel, removals, additions, sweep=False)])
+        except RedisError as exc:
+            log.debug("presence %s in %s left for the next refresh: %s", what, channel, exc)
+            return False
+        if isinstance(reply, RedisReplyError):
+            log.debug("redis refused a presence %s in %s: %s", what, channel, reply)
+            return False
+        return True
+
+    async def _call(self, commands: list[Command]) -> list[Any]:
+        """Run ``commands`` on the shared connection within ``command_timeout``, the wait for the
+        lock included. The round trip is shielded from the caller's cancellation (a client that
+        leaves as it joins): a command cut in half would cost every caller the connection."""
+        if self._connection is None:  # fail fast while Redis is unreachable
+            await trio.lowlevel.checkpoint()
+            raise RedisConnectionError(f"{self.name}: not connected")
+        deadline = trio.current_time() + self._command_timeout
+        with trio.move_on_at(deadline):
+            async with self._lock:
+                connection = self._connection
+                if connection is None:
+                    raise RedisConnectionError(f"{self.name}: not connected")
+                with trio.CancelScope(deadline=deadline, shield=True):
+                    try:
+                        return await self._run_scripts(connection, commands)
+                    except RedisError as exc:
+                        if connection.closed:
+                            self._lose(connection, str(exc))
+                        raise
+                # Our deadline struck mid round trip; resp closed the connection.
+                self._lose(connection, f"no answer within {self._command_timeout} s")
+                raise RedisTimeout(f"{self.name}: no answer within {self._command_timeout} s")
+        raise RedisTimeout(f"{self.name}: connection busy for {self._command_timeout} s")
+
+    def _lose(self, connection: RedisConnection, reason: str) -> None:
+        """A call found ``connection`` broken: fail later calls fast and have the loop reconnect."""
+        if self._connection is connection:
+            self._connection = None
+            self._lost_reason = reason
+            self._lost.set()
+
+    @staticmethod
+    async def _run_scripts(connection: RedisConnection, commands: Sequence[Command]) -> list[Any]:
+        """EVALSHA each command in one pipelined write; what Redis forgot (NOSCRIPT: a SCRIPT
+        FLUSH) goes again as EVAL, which also caches the script again."""
+        replies = await connection.pipeline(
+            ("EVALSHA", script.sha, 1, presence_key(channel), *arguments)
+            for script, channel, arguments in commands
+        )
+        unknown = [
+            index
+            for index, reply in enumerate(replies)
+            if isinstance(reply, RedisReplyError) and reply.code == "NOSCRIPT"
+        ]
+        if unknown:
+            log.info("redis lost the presence scripts; sending them again")
+            again = await connection.pipeline(
+                ("EVAL", script.source, 1, presence_key(channel), *arguments)
+                for script, channel, arguments in (commands[index] for index in unknown)
+            )
+            for index, reply in zip(unknown, again, strict=True):
+                replies[index] = reply
+        return replies
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def _keep_connected(self, task_status: trio.TaskStatus[None]) -> None:
+        """Run sessions again and again with backoff, as RedisBus does; each new reason for an
+        outage is logged once."""
+        attempt = 0
+        ever_up = False
+        started = False
+        outage: str | None = None
+        while True:
+            up_since: float | None = None
+
+            def connected(detail: str) -> None:
+                nonlocal up_since, ever_up, outage, started
+                up_since = trio.current_time()
+                if ever_up:
+                    self.reconnects += 1
+                if ever_up or outage is not None:
+                    log.info("redis presence connected to %s%s", self.name, detail)
+                ever_up, outage = True, None
+                if not started:
+                    started = True
+                    task_status.started()
+
+            try:
+                await self._session(connected)
+            except RedisError as exc:
+                reason = str(exc)
+            else:  # pragma: no cover - sessions only end by raising
+                reason = "session ended"
+            if not started:
+                started = True
+                task_status.started()
+            if up_since is not None:
+                log.warning("redis presence connection lost (%s), reconnecting", reason)
+                if trio.current_time() - up_since >= STABLE_AFTER:
+                    attempt = 0
+            elif reason != outage:
+                log.warning("redis presence cannot connect (%s), retrying", reason)
+            else:
+                log.debug("redis presence still cannot connect (%s)", reason)
+            outage = reason
+            await trio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_START * 2**attempt)))
+            attempt += 1
+
+    async def _session(self, connected: Callable[[str], None]) -> None:
+        """Connect, load the scripts, then refresh and sweep every ``refresh_interval`` (the
+        first round at once: that is the healing) until the connection fails."""
+        connection = await open_connection(
+            self._address,
+            command_timeout=self._command_timeout,
+            client_name="broadcast-presence",
+            ssl_context=self._ssl_context,
+        )
+        try:
+            loaded = await connection.pipeline(("SCRIPT", "LOAD", s.source) for s in SCRIPTS)
+            for script, reply in zip(SCRIPTS, loaded, strict=True):
+                if isinstance(reply, RedisReplyError):
+                    raise reply
+                if reply.decode() != script.sha:
+                    raise RedisError(f"SCRIPT LOAD returned {reply!r}, expected {script.sha}")
+            lost = self._lost = trio.Event()
+            self._connection = connection
+            connected(f", refreshing {len(self._entries)} entries")
+            next_round = trio.current_time()
+            while True:
+                await self._refresh(connection)
+                next_round = max(next_round + self._refresh_interval, trio.current_time())
+                with trio.move_on_at(next_round):
+                    await lost.wait()
+                if lost.is_set():
+                    raise RedisConnectionError(self._lost_reason)
+        finally:
+            if self._connection is connection:
+                self._connection = None
+            await connection.aclose()
+
+    async def _refresh(self, connection: RedisConnection) -> None:
+        """Rewrite every local entry, retry owed removals and sweep, in pipelined batches under
+        the lock (so no call interleaves with a stale snapshot); then report what expired."""
+        replies: list[Any] = []
+        async with self._lock:
+            updates = self._entries.refresh_plan(trio.current_time())
+            for start in range(0, len(updates), REFRESH_BATCH):
+                batch = updates[start : start + REFRESH_BATCH]
+                commands = [
+                    self._update(u.channel, u.removals, u.additions, sweep=True) for u in batch
+                ]
+                replies += await self._run_scripts(connection, commands)
+            self._entries.removals_done(
+                update
+                for update, reply in zip(updates, replies, strict=True)
+                if not isinstance(reply, RedisReplyError)
+            )
+        self.refreshes += 1
+        reported = 0
+        for update, reply in zip(updates, replies, strict=True):
+            if isinstance(reply, RedisReplyError):
+                log.warning("redis refused the presence refresh of %s: %s", update.channel, reply)
+                continue
+            for member in reply:
+                reported += self._report_expired(update, member)
+        if reported:
+            log.info("presence: %d entries of other gateways expired", reported)
+
+    def _report_expired(self, update: Update, member: bytes) -> int:
+        """Hand one swept entry to ``on_expired``, unless it is ours; returns 1 if reported."""
+        key, name = decode_member(member)
+        if self._entries.knows(update.channel, key, name):
+            return 0  # ours, rewritten by the same script before the sweep: cannot happen
+        self.expired += 1
+        try:
+            self._on_expired(update.channel, key, name)
+        except Exception:  # one failing callback must not stop the notices for the others
+            log.exception("on_expired failed for %s in %s", key, update.channel)
+        return 1

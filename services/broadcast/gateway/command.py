@@ -13,7 +13,9 @@ import trio
 
 from broadcast.bus.base import Bus
 from broadcast.bus.memory import MemoryBus
-from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS, Gateway
+from broadcast.bus.redis_bus import RedisBus
+from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS, Gateway, PresenceFactory
+from broadcast.presence import MemoryPresence, RedisPresence
 from broadcast.protocol.limits import DEFAULT_PORT
 
 log = logging.getLogger("broadcast.gateway")
@@ -79,17 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         drain_timeout=args.drain_timeout,
+        presence=make_presence(args.redis_url),
     )
     trio.run(serve_until_signalled, gateway)
     return 0
 
 
 def make_bus(redis_url: str | None) -> Bus:
-    if not redis_url:
-        return MemoryBus()
-    from broadcast.bus.redis_bus import RedisBus
+    return RedisBus(redis_url) if redis_url else MemoryBus()
 
-    return RedisBus(redis_url)
+
+def make_presence(redis_url: str | None) -> PresenceFactory:
+    """Presence lives where the bus does: in Redis for a cluster, in memory for one process."""
+    if not redis_url:
+        return lambda on_expired: MemoryPresence()
+    return lambda on_expired: RedisPresence(redis_url, on_expired=on_expired)
 
 
 async def serve_until_signalled(gateway: Gateway) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 import trio
 
@@ -16,13 +17,29 @@ from broadcast.bus.memory import MemoryBus
 from broadcast.bus.redis_bus import RedisBus
 from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS, Gateway, PresenceFactory
 from broadcast.presence import MemoryPresence, RedisPresence
-from broadcast.protocol.limits import DEFAULT_PORT
+from broadcast.protocol.limits import DEFAULT_PORT, MAX_CONNECTIONS
 
 log = logging.getLogger("broadcast.gateway")
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"BROADCAST_{name}", default)
+def _option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    default: object,
+    help: str,
+    type: Callable[[str], object] = str,
+    **extra: object,
+) -> None:
+    """A flag whose default comes from its BROADCAST_* variable, then from ``default``."""
+    variable = "BROADCAST_" + flag.removeprefix("--").upper().replace("-", "_")
+    value = os.environ.get(variable)
+    parser.add_argument(
+        flag,
+        type=type,
+        default=default if value is None else type(value),
+        help=f"{help} [{variable}; default: %(default)s]",
+        **extra,  # type: ignore[arg-type]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,28 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a gateway",
         description="Run a gateway. Every flag can also be set as a BROADCAST_* variable.",
     )
-    start.add_argument(
-        "--host", default=_env("HOST", "127.0.0.1"), help="address to bind (BROADCAST_HOST)"
-    )
-    start.add_argument(
-        "--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
-        help=f"port for WebSocket, line and HTTP clients; 0: any free one (default {DEFAULT_PORT})",
-    )  # fmt: skip
-    start.add_argument(
-        "--redis-url", default=_env("REDIS_URL"),
-        help="redis:// or rediss:// URL; without it, an in-process bus for one gateway",
-    )  # fmt: skip
-    start.add_argument(
-        "--node-id", default=_env("NODE_ID", f"{socket.gethostname()}-{os.getpid()}"),
-        help="this gateway's name in logs and messages (default: host name and pid)",
-    )  # fmt: skip
-    start.add_argument(
-        "--drain-timeout", type=float,
-        default=float(_env("DRAIN_TIMEOUT", str(DRAIN_TIMEOUT_SECONDS)) or DRAIN_TIMEOUT_SECONDS),
-        help="seconds clients get to leave on SIGTERM before they are cut off",
-    )  # fmt: skip
-    start.add_argument(
-        "--log-level", default=_env("LOG_LEVEL", "info"),
+    _option(start, "--host", "127.0.0.1", "address to bind")
+    _option(start, "--port", DEFAULT_PORT, "port for WebSocket, line and HTTP; 0: any", int)
+    _option(start, "--redis-url", None, "redis:// or rediss:// URL; none: in-process, one gateway")
+    _option(start, "--node-id", f"{socket.gethostname()}-{os.getpid()}", "this gateway's name")
+    _option(start, "--drain-timeout", DRAIN_TIMEOUT_SECONDS, "seconds to drain on SIGTERM", float)
+    _option(start, "--max-connections", MAX_CONNECTIONS, "clients at once (then server_full)", int)
+    _option(
+        start, "--log-level", "info", "how much to log",
         choices=["debug", "info", "warning", "error"],
     )  # fmt: skip
     commands.add_parser(
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
         presence=make_presence(args.redis_url),
     )
     trio.run(serve_until_signalled, gateway)

@@ -125,9 +125,11 @@ class ClientSession:
             self.outbox.overflow()
 
     async def _recover(self, recovery: Recovery) -> None:
-        """Replay history, then release what arrived live meanwhile, minus what was replayed."""
-        if self.held is None:
-            self.held = []
+        """Replay history, then release what arrived live meanwhile, minus what was replayed.
+
+        The caller starts holding (``self.held = []``) before the client can receive live traffic.
+        """
+        assert self.held is not None
         try:
             history = await self.gateway.bus.history(
                 self.channel, after=recovery.since, last=recovery.last

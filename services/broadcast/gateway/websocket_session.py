@@ -105,6 +105,7 @@ class WebSocketSession(ClientSession):
                 "type": "welcome",
                 "protocol": PROTOCOL_VERSION,
                 "node": self.gateway.node_id,
+                "origin": self.origin,
                 "name": self.name,
                 "channel": self.channel,
                 "limits": {"text_bytes": MAX_TEXT_BYTES, "frame_bytes": MAX_FRAME_BYTES},

@@ -1,0 +1,395 @@
+"""The deployment files hold what a cluster needs, checked without a container engine.
+
+There is no Docker engine on the test machines, so each part is checked directly: the compose file
+as data, the HAProxy config with the real ``haproxy -c``, the Dockerfile instruction by instruction,
+and the Kubernetes manifests against the Kubernetes JSON schemas that kubernetes-validate ships
+(offline: no cluster, no network).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS
+from broadcast.protocol.limits import DEFAULT_PORT
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+K8S = ROOT / "deploy" / "k8s"
+
+# The oldest Kubernetes minor still commonly run, and the newest the installed schemas know.
+K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+
+
+def _seconds(duration: str | int | float) -> float:
+    """A compose duration (``30s``, ``1m30s``, ``1500ms``) in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# -- docker-compose.yml --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def test_compose_has_the_three_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) >= {"redis", "gateway", "lb"}
+
+
+def test_compose_redis_is_official_redis_7_with_a_ping_healthcheck(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"] == "redis:7" or redis["image"].startswith("redis:7.")
+    test = redis["healthcheck"]["test"]
+    command = " ".join(test) if isinstance(test, list) else test
+    assert "redis-cli" in command and "ping" in command
+
+
+def test_compose_gateway_is_built_from_the_dockerfile(compose: dict[str, Any]) -> None:
+    build = compose["services"]["gateway"]["build"]
+    context = (COMPOSE.parent / build["context"]).resolve()
+    assert context == ROOT
+    assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_compose_gateway_can_scale(compose: dict[str, Any]) -> None:
+    """A fixed host port or container name breaks ``--scale gateway=N``."""
+    gateway = compose["services"]["gateway"]
+    assert "ports" not in gateway, "only the load balancer may publish a host port"
+    assert "container_name" not in gateway
+    assert "BROADCAST_NODE_ID" not in _env(gateway), "replicas would share one node id"
+
+
+def test_compose_gateway_reaches_redis_and_listens_on_all_interfaces(
+    compose: dict[str, Any],
+) -> None:
+    gateway = compose["services"]["gateway"]
+    env = _env(gateway)
+    assert env["BROADCAST_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["BROADCAST_HOST"] == "0.0.0.0"
+    assert int(env.get("BROADCAST_PORT", DEFAULT_PORT)) == DEFAULT_PORT
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_gateway_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    # Podman builds OCI images, which drop the Dockerfile's HEALTHCHECK: compose repeats it.
+    test = compose["services"]["gateway"]["healthcheck"]["test"]
+    command = " ".join(test) if isinstance(test, list) else test
+    assert f"http://127.0.0.1:{DEFAULT_PORT}/healthz" in command
+    assert "curl" not in command and "wget" not in command, "python:3.11-slim has neither"
+
+
+def test_compose_gateway_gets_time_to_drain(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    assert gateway.get("stop_signal", "SIGTERM") == "SIGTERM"
+    assert _seconds(gateway["stop_grace_period"]) > DRAIN_TIMEOUT_SECONDS + 5
+
+
+def test_compose_lb_publishes_the_one_port_and_mounts_the_haproxy_config(
+    compose: dict[str, Any],
+) -> None:
+    lb = compose["services"]["lb"]
+    assert lb["image"].split(":")[0] == "haproxy"
+    assert f"127.0.0.1:{DEFAULT_PORT}:{DEFAULT_PORT}" in [str(p) for p in lb["ports"]]
+    mounts = [v.split(":") for v in lb["volumes"]]
+    cfg = [m for m in mounts if m[1] == "/usr/local/etc/haproxy/haproxy.cfg"]
+    assert len(cfg) == 1, mounts
+    source, _, mode = cfg[0]
+    assert (COMPOSE.parent / source).resolve() == HAPROXY_CFG
+    assert HAPROXY_CFG.is_file()
+    assert mode == "ro"
+    depends = lb["depends_on"]
+    assert "gateway" in depends
+
+
+# -- deploy/haproxy/haproxy.cfg ------------------------------------------------------------------
+
+
+def _haproxy_sections(text: str) -> dict[str, list[str]]:
+    """``{"frontend broadcast": [directive lines], ...}``, comments and blank lines dropped."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(" ".join(line.split()), [])
+        else:
+            current.append(" ".join(line.split()))
+    return sections
+
+
+def test_haproxy_config_passes_haproxy_check() -> None:
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed: run scripts/install-system-deps")
+    # `gateway` does not resolve here: `init-addr none` must let the config load anyway.
+    result = subprocess.run(
+        [haproxy, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Configuration file is valid" in output
+    assert "[ALERT]" not in output
+
+
+def test_haproxy_config_balances_raw_tcp_over_ready_gateways() -> None:
+    sections = _haproxy_sections(HAPROXY_CFG.read_text())
+    resolvers = sections["resolvers docker"]
+    assert "parse-resolv-conf" in resolvers, "a hard-coded 127.0.0.11 works only under Docker"
+    assert not any(line.startswith("nameserver") for line in resolvers)
+    hold_valid = next(line for line in resolvers if line.startswith("hold valid"))
+    assert _seconds(hold_valid.split()[-1]) <= 10
+
+    frontend = sections["frontend broadcast"]
+    assert f"bind :{DEFAULT_PORT}" in frontend
+    assert "default_backend gateways" in frontend
+
+    defaults = sections["defaults"]
+    backend = sections["backend gateways"]
+    assert "mode tcp" in defaults and "mode tcp" in backend and "mode http" not in frontend
+    for timeout in ("client", "server", "tunnel"):
+        line = next(line for line in defaults if line.startswith(f"timeout {timeout} "))
+        assert _seconds(line.split()[-1]) >= 3600, line
+
+    assert "balance leastconn" in backend
+    assert "option httpchk GET /readyz" in backend
+    assert "http-check expect status 200" in backend
+    template = [line for line in backend if line.startswith("server-template ")]
+    assert len(template) == 1
+    words = template[0].split()
+    assert words[3] == f"gateway:{DEFAULT_PORT}"
+    assert int(words[2]) >= 3
+    for option in ("check", "resolvers docker", "init-addr none", "resolve-prefer ipv4"):
+        assert f" {option}" in template[0], option
+
+
+# -- deploy/Dockerfile and .dockerignore ---------------------------------------------------------
+
+
+def _dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """Each build stage as a list of (INSTRUCTION, arguments), ARG defaults substituted."""
+    lines: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        stripped = raw.strip()
+        if stripped.startswith("#") or not stripped:
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        lines.append(pending + stripped)
+        pending = ""
+    assert not pending, "a continuation line at the end of the Dockerfile"
+    args: dict[str, str] = {}
+    stages: list[list[tuple[str, str]]] = []
+    for line in lines:
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "ARG" and not stages and "=" in rest:
+            name, _, value = rest.partition("=")
+            args[name.strip()] = value.strip()
+        for name, value in args.items():
+            rest = rest.replace("${" + name + "}", value).replace("$" + name, value)
+        if instruction == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction, rest.strip()))
+    return stages
+
+
+def _instructions(stage: list[tuple[str, str]], name: str) -> list[str]:
+    return [rest for instruction, rest in stage if instruction == name]
+
+
+def test_dockerfile_is_multi_stage_on_python_slim() -> None:
+    stages = _dockerfile_stages()
+    assert len(stages) >= 2
+    builder_from, final_from = stages[0][0][1].split(), stages[-1][0][1].split()
+    assert builder_from[-2].upper() == "AS"
+    assert final_from[0] == "python:3.11-slim"
+    builder = builder_from[-1]
+    final = stages[-1]
+    assert any(f"--from={builder}" in rest for rest in _instructions(final, "COPY"))
+
+
+def test_dockerfile_builder_installs_the_repo_with_pip() -> None:
+    builder = _dockerfile_stages()[0]
+    runs = " && ".join(_instructions(builder, "RUN"))
+    assert re.search(r"\bpip install (\S+ )*\.(\s|$)", runs), runs
+    assert "-e ." not in runs and "--editable" not in runs
+    for copy in _instructions(builder, "COPY"):
+        for source in copy.split()[:-1]:
+            if not source.startswith("--"):
+                assert (ROOT / source).exists(), f"COPY of a missing {source}"
+
+
+def test_dockerfile_final_stage_has_no_build_tools_and_runs_as_non_root() -> None:
+    final = _dockerfile_stages()[-1]
+    runs = " ".join(_instructions(final, "RUN"))
+    for tool in ("gcc", "g++", "clang", "build-essential", "make ", "pip install", "apt-get"):
+        assert tool not in runs, f"{tool!r} in the final stage"
+    users = _instructions(final, "USER")
+    assert users, "the final stage must switch to a non-root user"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+    # A numeric uid lets Kubernetes' runAsNonRoot verify it; deploy/k8s uses the same one.
+    assert user.isdigit()
+
+
+def test_dockerfile_final_stage_serves_the_gateway_with_a_healthcheck() -> None:
+    final = _dockerfile_stages()[-1]
+    assert str(DEFAULT_PORT) in " ".join(_instructions(final, "EXPOSE")).split()
+    env = " ".join(_instructions(final, "ENV"))
+    assert "BROADCAST_HOST=0.0.0.0" in env
+    (healthcheck,) = _instructions(final, "HEALTHCHECK")
+    assert "CMD" in healthcheck and "python" in healthcheck
+    assert "http://127.0.0.1:" in healthcheck and "/healthz" in healthcheck
+    assert "curl" not in healthcheck and "wget" not in healthcheck
+    (cmd,) = _instructions(final, "CMD")
+    assert json.loads(cmd) == ["broadcast-server", "start"], "exec form: the gateway gets SIGTERM"
+
+
+def test_dockerignore_keeps_the_context_small_but_complete() -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        return any(
+            fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p.removeprefix("**/"))
+            for p in patterns
+        )
+
+    for path in (".venv", ".git", ".pytest_cache", ".ruff_cache", "artifacts", "__pycache__"):
+        assert ignored(path), f"{path} is sent to the build"
+    for path in ("pyproject.toml", "README.md", "services", "cli", "deploy/Dockerfile"):
+        assert not ignored(path), f"{path} is needed by the build"
+
+
+# -- deploy/k8s ----------------------------------------------------------------------------------
+
+
+def _manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every resource of the kustomization, by (kind, name)."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in kustomization["resources"]:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            if doc:
+                found[(doc["kind"], doc["metadata"]["name"])] = doc
+    return found
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    assert files >= {"redis.yaml", "gateway.yaml", "service.yaml", "pdb.yaml"}
+    assert (K8S / "README.md").is_file()
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate_against_the_schemas(version: str) -> None:
+    manifests = _manifests()
+    assert manifests
+    for (kind, name), doc in manifests.items():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{kind}/{name} against Kubernetes {version}: {path}: {exc.message}")
+
+
+def _gateway() -> tuple[dict[str, Any], dict[str, Any]]:
+    deployment = _manifests()[("Deployment", "broadcast-gateway")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment, container
+
+
+def test_kubernetes_gateway_deployment_is_probed_and_bounded() -> None:
+    deployment, container = _gateway()
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 3
+    (port,) = container["ports"]
+    assert port["containerPort"] == DEFAULT_PORT
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        http = container[probe]["httpGet"]
+        assert http["path"] == path
+        assert http["port"] in (port["name"], DEFAULT_PORT)
+    assert container["resources"]["requests"].keys() >= {"cpu", "memory"}
+    assert container["resources"]["limits"].keys() >= {"memory"}
+
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    redis_service = _manifests()[("Service", "redis")]
+    assert env["BROADCAST_REDIS_URL"] == (
+        f"redis://{redis_service['metadata']['name']}:{redis_service['spec']['ports'][0]['port']}/0"
+    )
+    assert env["BROADCAST_HOST"] == "0.0.0.0"
+
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+    pause = float(pre_stop[-1]) if pre_stop and pre_stop[0] == "sleep" else 0.0
+    assert pod["terminationGracePeriodSeconds"] > pause + DRAIN_TIMEOUT_SECONDS + 5
+
+
+def test_kubernetes_gateway_runs_as_the_image_user_on_a_read_only_root() -> None:
+    deployment, container = _gateway()
+    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    security = container["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    final = _dockerfile_stages()[-1]
+    image_uid = _instructions(final, "USER")[-1].split(":")[0]
+    assert str(pod_security["runAsUser"]) == image_uid
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+
+
+def test_kubernetes_service_and_pdb_select_the_gateway_pods() -> None:
+    manifests = _manifests()
+    deployment, container = _gateway()
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    service = manifests[("Service", "broadcast-gateway")]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == DEFAULT_PORT
+    assert port.get("protocol", "TCP") == "TCP"
+    assert port["targetPort"] in (container["ports"][0]["name"], DEFAULT_PORT)
+
+    pdbs = [doc for (kind, _), doc in manifests.items() if kind == "PodDisruptionBudget"]
+    (pdb,) = pdbs
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    spec = pdb["spec"]
+    assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable") == 2

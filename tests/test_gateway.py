@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from broadcast.bus.memory import MemoryBus
+from broadcast.gateway.access import AccessPolicy
 from broadcast.gateway.server import Gateway
 from broadcast.protocol.envelope import parse_id
 from broadcast.protocol.limits import (
@@ -39,7 +40,9 @@ def _make_bus(kind: str, request: pytest.FixtureRequest):
 @pytest.fixture(params=["memory", "redis"])
 async def gateway(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[Gateway]:
     bus = _make_bus(request.param, request)
-    gateway = await nursery.start(Gateway(bus, node_id="gw-test").run)
+    # No rate limit here: some tests publish in bursts (rate limiting: test_gateway_faults.py).
+    access = AccessPolicy(message_rate=0)
+    gateway = await nursery.start(Gateway(bus, node_id="gw-test", access=access).run)
     await wait_until(lambda: gateway.ready)
     yield gateway
     nursery.cancel_scope.cancel()

@@ -13,6 +13,7 @@ from trio_websocket import ConnectionClosed
 
 from broadcast.bus.memory import MemoryBus
 from broadcast.bus.redis_bus import RedisBus
+from broadcast.gateway.access import AccessPolicy
 from broadcast.gateway.server import Gateway
 from tests.support.clients import WAIT_SECONDS, LineClient, ws_client
 from tests.support.redis_server import RedisServer
@@ -149,3 +150,18 @@ async def test_websocket_close_by_the_client_is_answered(start_gateway: StartGat
             await client.ws.get_message()
         assert client.ws.closed.code == 1000
     await wait_until(lambda: gateway.stats.connections_open == 0)
+
+
+async def test_flooding_client_is_throttled_and_others_are_not(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway(access=AccessPolicy(message_rate=1, message_burst=3))
+    url = f"ws://127.0.0.1:{gateway.port}/"
+    async with ws_client(url, name="flood") as flood, ws_client(url, name="calm") as calm:
+        for i in range(3):
+            await flood.publish(f"burst {i}")
+        await flood.send_json({"type": "publish", "text": "one too many", "ref": "x"})
+        error = await flood.expect("error", skip=("join", "leave", "message"))
+        assert (error["code"], error["ref"]) == ("rate_limited", "x")
+        assert "try again in" in error["message"]
+        await calm.publish("calm is unaffected")
+        assert [m["text"] for m in await flood.messages(1)] == ["calm is unaffected"]
+    assert gateway.stats.errors["rate_limited"] == 1

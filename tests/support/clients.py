@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,9 +34,7 @@ class WsClient:
         with trio.fail_after(WAIT_SECONDS):
             return json.loads(await self.ws.get_message())
 
-    async def expect(
-        self, kind: str, *, skip: tuple[str, ...] = ("join", "leave")
-    ) -> dict[str, Any]:
+    async def expect(self, kind: str, *, skip: tuple[str, ...] = NOTICES) -> dict[str, Any]:
         """The next event of ``kind``, passing over notices; any other event fails the test."""
         while True:
             event = await self.event()
@@ -62,12 +61,14 @@ class WsClient:
 
 
 @asynccontextmanager
-async def ws_client(url: str, **query: str) -> AsyncIterator[WsClient]:
+async def ws_client(
+    url: str, ssl_context: ssl.SSLContext | None = None, **query: str
+) -> AsyncIterator[WsClient]:
     full = url + ("?" + urlencode(query) if query else "")
-    async with open_websocket_url(full) as ws:
+    async with open_websocket_url(full, ssl_context) as ws:
         client = WsClient(ws)
         client.welcome = await client.expect("welcome")
-        if "since" not in query and "history" not in query:
+        if not {"since", "history"} & query.keys():
             # The snapshot of who is here follows the welcome (after a replay, when one was asked).
             client.presence = (await client.expect("presence"))["members"]
         yield client

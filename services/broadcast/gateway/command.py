@@ -9,15 +9,24 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
 from broadcast.bus.base import Bus
 from broadcast.bus.memory import MemoryBus
 from broadcast.bus.redis_bus import RedisBus
+from broadcast.gateway.access import MESSAGE_BURST, MESSAGE_RATE_PER_SECOND, AccessPolicy
 from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS, Gateway, PresenceFactory
 from broadcast.presence import MemoryPresence, RedisPresence
 from broadcast.protocol.limits import DEFAULT_PORT, MAX_CONNECTIONS
+from broadcast.security import (
+    AddressLimit,
+    OriginPolicy,
+    SecretFilter,
+    TokenVerifier,
+    server_ssl_context,
+)
 
 log = logging.getLogger("broadcast.gateway")
 
@@ -56,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     _option(start, "--node-id", f"{socket.gethostname()}-{os.getpid()}", "this gateway's name")
     _option(start, "--drain-timeout", DRAIN_TIMEOUT_SECONDS, "seconds to drain on SIGTERM", float)
     _option(start, "--max-connections", MAX_CONNECTIONS, "clients at once (then server_full)", int)
+    _option(start, "--auth-secret", None, "HS256 secret: clients must present a token")
+    _option(start, "--auth-public-key", None, "PEM file of an RS256/ES256 public key for tokens")
+    _option(start, "--tls-cert", None, "PEM certificate (chain): serve wss:// and TLS lines")
+    _option(start, "--tls-key", None, "PEM private key for --tls-cert")
+    _option(start, "--allowed-origins", None, "comma-separated web origins allowed to connect")
+    _option(
+        start,
+        "--message-rate",
+        MESSAGE_RATE_PER_SECOND,
+        "messages/s per client; 0: no limit",
+        float,
+    )
+    _option(start, "--message-burst", MESSAGE_BURST, "messages a client may send at once", int)
+    _option(start, "--max-per-address", 0, "connections per client address; 0: no limit", int)
     _option(
         start, "--log-level", "info", "how much to log",
         choices=["debug", "info", "warning", "error"],
@@ -78,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    SecretFilter([s for s in (args.auth_secret, args.redis_url) if s]).install()
+    try:
+        access = make_access(args)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    warn_if_open(args.host, access)
     gateway = Gateway(
         make_bus(args.redis_url),
         node_id=args.node_id,
@@ -85,10 +115,49 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
+        access=access,
         presence=make_presence(args.redis_url),
     )
     trio.run(serve_until_signalled, gateway)
     return 0
+
+
+def make_access(args: argparse.Namespace) -> AccessPolicy:
+    """The security settings, checked now so a bad key or certificate stops the start."""
+    verifier = None
+    if args.auth_secret and args.auth_public_key:
+        raise ValueError("give --auth-secret or --auth-public-key, not both")
+    if args.auth_secret:
+        verifier = TokenVerifier(secret=args.auth_secret)
+    elif args.auth_public_key:
+        verifier = TokenVerifier(public_key=Path(args.auth_public_key).read_text())
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
+    return AccessPolicy(
+        verifier=verifier,
+        origins=OriginPolicy(origins or None),
+        tls=server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        message_rate=args.message_rate,
+        message_burst=args.message_burst,
+        addresses=AddressLimit(args.max_per_address) if args.max_per_address > 0 else None,
+    )
+
+
+def warn_if_open(host: str, access: AccessPolicy) -> None:
+    """Safe by default: open only on loopback; anywhere else, say loudly that it is open."""
+    if access.auth_required:
+        log.info("authentication: tokens required (%s)", access.verifier.algorithm)  # type: ignore[union-attr]
+        return
+    loopback = host in ("127.0.0.1", "::1", "localhost")
+    if loopback:
+        log.info("authentication: off (open to anyone who can reach %s)", host)
+    else:
+        log.warning(
+            "NO AUTHENTICATION on %s: anyone who can reach this port can read and post as any "
+            "name. Set --auth-secret or --auth-public-key (docs/security.md).",
+            host,
+        )
 
 
 def make_bus(redis_url: str | None) -> Bus:

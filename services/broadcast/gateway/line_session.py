@@ -22,6 +22,7 @@ from broadcast.protocol.lines import (
     render_notice,
 )
 from broadcast.protocol.validate import check_channel, check_name, check_text
+from broadcast.security import AuthError, parse_auth_line
 
 if TYPE_CHECKING:
     from broadcast.gateway.server import Gateway
@@ -40,6 +41,36 @@ class LineSession(ClientSession):
             f"welcome to broadcast on {self.gateway.node_id}: you are {self.name} in "
             f"#{self.channel} (/name NAME, /join CHANNEL, /who, /quit)"
         )
+
+    async def authenticate(self) -> bool:
+        """With tokens required, the first line must be ``/auth TOKEN``."""
+        verifier = self.gateway.access.verifier
+        if verifier is None:
+            return True
+        line = await self._first_line()
+        try:
+            self.apply_identity(verifier.verify(parse_auth_line(line or "")))
+        except AuthError as error:
+            self.gateway.stats.count_error(error.code)
+            await self.stream.send_all(self.unauthorized(error))
+            return False
+        return True
+
+    async def _first_line(self) -> str | None:
+        """The first non-empty line, within the handshake timeout; None if none came."""
+        data, self._initial = self._initial, b""
+        with trio.move_on_after(self.gateway.handshake_timeout):
+            while True:
+                for item in self._splitter.feed(data):
+                    if isinstance(item, str) and item.strip():
+                        return item
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    return None
+        return None
+
+    def unauthorized(self, error: AuthError) -> bytes:
+        return f"! {error.code}: {error.message}\n".encode()
 
     def greet(self) -> None:
         self.send(self._welcome())

@@ -21,6 +21,7 @@ import trio
 from wsproto.utilities import RemoteProtocolError
 
 from broadcast.bus.base import Bus, BusUnavailable
+from broadcast.gateway.access import AccessPolicy
 from broadcast.gateway.http import BadRequest, HttpRequest, read_request, response
 from broadcast.gateway.hub import ChannelHub
 from broadcast.gateway.line_session import LineSession
@@ -42,6 +43,13 @@ from broadcast.protocol.limits import (
 )
 from broadcast.protocol.lines import render_error
 from broadcast.protocol.sniff import Kind, classify
+from broadcast.security import (
+    AuthError,
+    PrefixedStream,
+    could_be_tls,
+    looks_like_tls,
+    token_from_request,
+)
 
 log = logging.getLogger("broadcast.gateway")
 
@@ -69,6 +77,7 @@ class Gateway:
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
         presence: PresenceFactory = lambda on_expired: MemoryPresence(),
+        access: AccessPolicy | None = None,
     ) -> None:
         self.bus = bus
         self.node_id = node_id
@@ -79,6 +88,7 @@ class Gateway:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.access = access or AccessPolicy()
         self.hub = ChannelHub(bus)
         self.stats = GatewayStats()
         self.probe = ReadinessProbe(bus, self.hub, node_id)
@@ -162,9 +172,11 @@ class Gateway:
         number = next(self._numbers)
         self.stats.connections_total += 1
         self.stats.connections_open += 1
+        address, addresses = _peer_address(stream), self.access.addresses
+        counted = addresses is None or addresses.try_acquire(address)
         try:
             _enable_keepalive(stream)
-            session = await self._open_session(stream, number)
+            session = await self._open_session(stream, number, self._refusal(counted))
             if session is not None:
                 self._sessions.add(session)
                 try:
@@ -177,34 +189,74 @@ class Gateway:
             log.exception("connection %d failed", number)
         finally:
             self.stats.connections_open -= 1
+            if addresses is not None and counted:
+                addresses.release(address)
             await trio.aclose_forcefully(stream)
 
-    async def _open_session(self, stream: trio.SocketStream, number: int) -> ClientSession | None:
+    def _refusal(self, address_admitted: bool) -> ProtocolError | None:
+        """Why a new connection cannot have a session, if it cannot (health checks still can)."""
+        if self.stats.connections_open > self.max_connections:
+            error = ProtocolError(ErrorCode.SERVER_FULL, "this gateway is full; try another")
+        elif not address_admitted:
+            error = ProtocolError(
+                ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address"
+            )
+        else:
+            return None
+        self.stats.count_error(error.code)
+        return error
+
+    async def _open_session(
+        self, stream: trio.abc.Stream, number: int, refusal: ProtocolError | None
+    ) -> ClientSession | None:
         """Tell the protocols apart by the first bytes; a silent client is a line client."""
-        initial = b""
-        with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
-            while classify(initial) is Kind.UNDECIDED:
-                data = await stream.receive_some(_SNIFF_BYTES)
-                if not data:
-                    return None
-                initial += data
-        full = self.stats.connections_open > self.max_connections
-        if full:
-            self.stats.count_error(ErrorCode.SERVER_FULL)
+        initial = await self._sniff(stream)
+        if initial is None:
+            return None
+        tls = self.access.tls
+        if tls is not None and looks_like_tls(initial):
+            stream = trio.SSLStream(PrefixedStream(initial, stream), tls, server_side=True)
+            try:
+                with trio.fail_after(self.handshake_timeout):
+                    await stream.do_handshake()
+            except trio.TooSlowError:
+                self.stats.count_error("handshake_timeout")
+                return None
+            initial = await self._sniff(stream)
+            if initial is None:
+                return None
+        elif tls is not None and refusal is None:
+            refusal = ProtocolError(ErrorCode.TLS_REQUIRED, "this gateway takes TLS only: wss://")
         if classify(initial) is not Kind.HTTP:
-            if full:
-                await stream.send_all(render_error(_server_full()))
+            if refusal is not None:
+                await stream.send_all(render_error(refusal))
                 return None
             return LineSession(self, stream, number, initial)
         try:
             with trio.fail_after(self.handshake_timeout):
-                return await self._handshake(stream, number, initial, full)
+                return await self._handshake(stream, number, initial, refusal)
         except trio.TooSlowError:
             self.stats.count_error("handshake_timeout")
             return None
 
+    async def _sniff(self, stream: trio.abc.Stream) -> bytes | None:
+        """The first bytes, enough to decide; None if the client left without a word."""
+        initial = b""
+        tls = self.access.tls is not None
+        with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
+            while classify(initial) is Kind.UNDECIDED or (tls and could_be_tls(initial)):
+                data = await stream.receive_some(_SNIFF_BYTES)
+                if not data:
+                    return None
+                initial += data
+        return initial
+
     async def _handshake(
-        self, stream: trio.SocketStream, number: int, initial: bytes, full: bool
+        self,
+        stream: trio.abc.Stream,
+        number: int,
+        initial: bytes,
+        refusal: ProtocolError | None,
     ) -> ClientSession | None:
         """An HTTP request: a WebSocket upgrade becomes a session; anything else is answered."""
         try:
@@ -212,19 +264,38 @@ class Gateway:
         except BadRequest as exc:
             await stream.send_all(response(400, f"bad request: {exc}\n".encode()))
             return None
-        if request.wants_websocket and full:
-            await stream.send_all(response(503, f"{_server_full().message}\n".encode()))
+        if not request.wants_websocket:
+            await stream.send_all(self._answer_http(request))
             return None
-        if request.wants_websocket:
+        if refusal is not None:
+            status = _REFUSAL_STATUS.get(refusal.code, 503)
+            await stream.send_all(response(status, f"{refusal.code}: {refusal.message}\n".encode()))
+            return None
+        origin, host = request.header(b"origin"), request.header(b"host")
+        if not self.access.origins.allows(origin or None, host or None):
+            self.stats.count_error("forbidden_origin")
+            await stream.send_all(response(403, b"forbidden_origin: this page may not connect\n"))
+            return None
+        identity = None
+        if self.access.verifier is not None:
             try:
-                return await WebSocketSession.accept(
-                    self, stream, number, request.headers, request.target, request.trailing
-                )
-            except RemoteProtocolError as exc:
-                await stream.send_all(response(400, f"bad WebSocket handshake: {exc}\n".encode()))
+                token = token_from_request(request.headers, request.target)
+                identity = self.access.verifier.verify(token)
+            except AuthError as error:
+                self.stats.count_error(error.code)
+                body = f"{error.code}: {error.message}\n".encode()
+                await stream.send_all(response(error.http_status, body))
                 return None
-        await stream.send_all(self._answer_http(request))
-        return None
+        try:
+            session = await WebSocketSession.accept(
+                self, stream, number, request.headers, request.target, request.trailing
+            )
+        except RemoteProtocolError as exc:
+            await stream.send_all(response(400, f"bad WebSocket handshake: {exc}\n".encode()))
+            return None
+        if identity is not None:
+            session.apply_identity(identity)
+        return session
 
     def _answer_http(self, request: HttpRequest) -> bytes:
         path = request.target.split(b"?", 1)[0]
@@ -244,8 +315,14 @@ class Gateway:
         return response(404, b"not found; WebSocket clients connect to /\n")
 
 
-def _server_full() -> ProtocolError:
-    return ProtocolError(ErrorCode.SERVER_FULL, "this gateway is full; try again or another one")
+_REFUSAL_STATUS = {ErrorCode.TOO_MANY_CONNECTIONS: 429, ErrorCode.TLS_REQUIRED: 403}
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:  # already gone
+        return ""
 
 
 # Half-open TCP (a vanished client, a dead NAT entry) is found by the kernel within ~90 s:

@@ -19,6 +19,7 @@ from broadcast.protocol.commands import Recovery
 from broadcast.protocol.envelope import event_payload, message_body, parse_id, payload_id
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES
+from broadcast.security import AuthCode, AuthError, Identity
 
 if TYPE_CHECKING:
     from broadcast.gateway.server import Gateway
@@ -43,11 +44,16 @@ class ClientSession:
         self.name = f"guest-{number}"
         self.channel = gateway.default_channel
         self.echo = False
+        self.channel_asked = False
+        """Whether the client named its channel (then being moved elsewhere is an error)."""
         self.announce = True
         """Whether others see this client: join/leave notices and presence (off for scripts)."""
         self.outbox = Outbox(OUTBOX_LIMIT_BYTES, self._give_up, socket_direct_write(stream))
         self.recovery: Recovery | None = None
         """What to replay on joining, as asked in the handshake."""
+        self.identity: Identity | None = None
+        """Who a verified token says this client is; None while authentication is off."""
+        self._messages = gateway.access.message_bucket()
         self.held: list[tuple[str | None, bytes]] | None = None
         """Live deliveries kept back while history is replayed, so the client sees one order."""
         self._held_bytes = 0
@@ -76,11 +82,15 @@ class ClientSession:
 
     async def serve(self) -> None:
         """Run the session to its end: greet, join, read until the client or gateway ends it."""
+        if not await self.authenticate():
+            return
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._write)
                 nursery.start_soon(self.keep_alive)
+                if self.identity is not None:
+                    nursery.start_soon(self._end_when_token_expires, self.identity)
                 self.greet()
                 await self.join(self.recovery)
                 await self.read_until_done()
@@ -92,6 +102,44 @@ class ClientSession:
                 if self.outbox.overflowed and not self.outbox.writing:
                     with trio.move_on_after(1):
                         await self.stream.send_all(self.slow_notice())
+
+    async def authenticate(self) -> bool:
+        """Protocol-specific: settle who the client is before it joins; False ends the session.
+        (WebSocket clients are authenticated in the handshake.)"""
+        return True
+
+    def apply_identity(self, identity: Identity) -> None:
+        """A verified token names the client and bounds where it may go."""
+        self.identity = identity
+        self.name = identity.name
+        if not identity.allows(self.channel):
+            asked, self.channel = self.channel, identity.pick_channel(self.gateway.default_channel)
+            if self.channel_asked:
+                self.refuse_later(
+                    ProtocolError(
+                        ErrorCode.CHANNEL_FORBIDDEN,
+                        f"your token does not allow #{asked}; you are in #{self.channel}",
+                    )
+                )
+
+    async def _end_when_token_expires(self, identity: Identity) -> None:
+        verifier = self.gateway.access.verifier
+        leeway = verifier.leeway if verifier is not None else 0.0
+        await trio.sleep(identity.seconds_left(time.time(), leeway))
+        self.gateway.stats.count_error(AuthCode.TOKEN_EXPIRED)
+        self.outbox.close(
+            self.unauthorized(AuthError(AuthCode.TOKEN_EXPIRED, "your token expired"))
+        )
+
+    def _check_identity(self, name: str | None, channel: str | None) -> None:
+        if self.identity is None:
+            return
+        if name is not None and name != self.identity.name:
+            raise ProtocolError(ErrorCode.BAD_NAME, "your name comes from your token")
+        if channel is not None and not self.identity.allows(channel):
+            raise ProtocolError(
+                ErrorCode.CHANNEL_FORBIDDEN, f"your token does not allow #{channel}"
+            )
 
     async def _write(self) -> None:
         await self.outbox.write_until_closed(self.stream.send_all)
@@ -161,6 +209,7 @@ class ClientSession:
         self, name: str | None, channel: str | None, recovery: Recovery | None = None
     ) -> None:
         """A rename or a move reads as leaving and joining again, for everyone."""
+        self._check_identity(name, channel)
         new_name, new_channel = name or self.name, channel or self.channel
         if new_channel != self.channel:
             await self.leave()
@@ -189,6 +238,11 @@ class ClientSession:
 
     async def publish(self, text: str) -> str:
         """Publish through the bus; the id is Redis's. Raises ProtocolError when not accepted."""
+        if self._messages is not None and not self._messages.try_take():
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"too many messages; try again in {self._messages.retry_after():.1f} s",
+            )
         body = message_body(self.channel, self.name, text, round(time.time(), 3), self.origin)
         try:
             message_id = await self.gateway.bus.publish_message(self.channel, body)
@@ -233,6 +287,13 @@ class ClientSession:
 
     def goodbye(self) -> bytes:
         """The last bytes for a client when the session ends normally."""
+        return b""
+
+    def refuse_later(self, error: ProtocolError) -> None:
+        """An error found before the session started, told right after the greeting."""
+
+    def unauthorized(self, error: AuthError) -> bytes:
+        """The last bytes for a client whose token is refused or has expired."""
         return b""
 
     def slow_notice(self) -> bytes:

@@ -34,6 +34,7 @@ from broadcast.protocol.websocket_frames import (
     encode_pong_frame,
     encode_text_frame,
 )
+from broadcast.security import AuthError
 
 if TYPE_CHECKING:
     from broadcast.gateway.server import Gateway
@@ -87,6 +88,7 @@ class WebSocketSession(ClientSession):
                 self.name = check_name(query["name"][-1])
             if "channel" in query:
                 self.channel = check_channel(query["channel"][-1])
+                self.channel_asked = True
             history = query.get("history", ["0"])[-1]
             self.recovery = commands.parse_recovery(
                 query.get("since", [None])[-1], int(history) if history.isdigit() else -1
@@ -243,6 +245,12 @@ class WebSocketSession(ClientSession):
 
     def drain_notice(self, reason: str) -> bytes:
         return encode_close_frame(CloseCode.SERVICE_RESTART, reason)
+
+    def refuse_later(self, error: ProtocolError) -> None:
+        self._query_errors.append(error)
+
+    def unauthorized(self, error: AuthError) -> bytes:
+        return encode_close_frame(CloseCode.UNAUTHORIZED, f"{error.code}: {error.message}")
 
     def slow_notice(self) -> bytes:
         return encode_close_frame(CloseCode.SLOW, "slow: outgoing queue over its limit")

@@ -15,6 +15,10 @@ class ErrorCode(StrEnum):
     BINARY_NOT_SUPPORTED = "binary_not_supported"
     BUS_UNAVAILABLE = "bus_unavailable"
     SERVER_FULL = "server_full"
+    RATE_LIMITED = "rate_limited"
+    TLS_REQUIRED = "tls_required"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    CHANNEL_FORBIDDEN = "channel_forbidden"
 
 
 class ProtocolError(Exception):
@@ -35,5 +39,6 @@ class CloseCode:
     PROTOCOL_ERROR = 1002
     MESSAGE_TOO_BIG = 1009
     SERVICE_RESTART = 1012  # draining: reconnect, the load balancer picks a live gateway
+    UNAUTHORIZED = 4001  # token missing, invalid or expired (also while connected)
     SLOW = 4008
     IDLE = 4010  # nothing heard, not even a pong, for the idle timeout

@@ -106,6 +106,7 @@ async def test_a_refused_line_is_explained(gateway: GatewayProcess) -> None:
 
 async def test_text_from_the_network_is_shown_escaped_never_raw() -> None:
     async with fake_gateway() as (fake, _), chat(fake.url, "--name", "alice") as terminal:
+        await fake.wait_joined()
         await fake.broadcast(
             {
                 "type": "message",
@@ -178,3 +179,60 @@ async def test_without_a_terminal_stdin_lines_are_sent() -> None:
         assert "] guest-1: one" in out and "] guest-1: two" in out
         await fake.wait_until(lambda: fake.clients[0].close_code is not None)
         assert fake.clients[0].close_code == 1000
+
+
+async def test_after_a_reconnect_what_was_missed_is_recovered_and_nothing_shown_twice() -> None:
+    async with fake_gateway() as (fake, nursery), chat(fake.url, "--name", "alice") as terminal:
+        await fake.wait_joined()
+        await fake.publish("bob", "seen before")
+        await terminal.wait_for_text("] bob: seen before")
+        terminal.type("mine\r")
+        await terminal.wait_for_text("] alice: mine")  # acked: its id is now known
+        own_id = fake.history["general"][-1]["id"]
+
+        fake.stop()
+        await terminal.wait_for_text("* connection lost: ")
+        await fake.publish("bob", "missed one")
+        await fake.publish("bob", "missed two")
+        fake.replay_overlap = 2  # replays "seen before" and our own "mine" as well
+        await fake.start(nursery)
+        await fake.wait_joined()
+
+        await terminal.wait_for_text("* recovered 2 missed messages")
+        assert fake.clients[-1].query["since"] == own_id
+        text = terminal.text()
+        for line in ("bob: seen before", "alice: mine", "bob: missed one", "bob: missed two"):
+            assert text.count(line) == 1, terminal.dump()
+        assert (
+            terminal.row_of("missed one")
+            < terminal.row_of("missed two")
+            < terminal.row_of("* recovered 2")
+        )
+        terminal.type("\x04")
+        assert await terminal.wait_exit() == 0
+
+
+async def test_a_draining_server_is_left_for_another_at_once() -> None:
+    async with fake_gateway() as (fake, _), chat(fake.url, "--name", "alice") as terminal:
+        await fake.wait_joined()
+        await fake.close_all(1012, "draining")
+        await terminal.wait_for_text("* server is restarting; reconnecting")
+        await terminal.wait_for(
+            lambda: terminal.text().count("* connected to ") == 2, "a second connection"
+        )
+        assert "recovered" not in terminal.text()  # nothing was missed: nothing to say
+        terminal.type("\x04")
+        assert await terminal.wait_exit() == 0
+
+
+async def test_history_shows_the_last_messages_on_joining() -> None:
+    async with fake_gateway() as (fake, _):
+        for text in ("first", "second", "third"):
+            await fake.publish("bob", text)
+        async with chat(fake.url, "--history", "2") as terminal:
+            await terminal.wait_for_text("* 2 earlier messages from the history above")
+            assert "first" not in terminal.text()
+            assert terminal.row_of("bob: second") < terminal.row_of("bob: third")
+            assert fake.clients[0].query["history"] == "2"
+            terminal.type("\x04")
+            assert await terminal.wait_exit() == 0

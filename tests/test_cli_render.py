@@ -1,4 +1,5 @@
-"""The CLI's pure parts: sanitizing, rendering, backoff, the command line. No I/O."""
+"""The CLI's pure parts: sanitizing, rendering, recovery bookkeeping, backoff, the handshake
+URL, the command line. No I/O."""
 
 from __future__ import annotations
 
@@ -6,19 +7,22 @@ import json
 import random
 import time
 import unicodedata
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broadcast.client.backoff import Backoff
-from broadcast.client.command import UsageError, compose_url, main
-from broadcast.client.connection import describe_close, parse_frame
+from broadcast.client.backoff import SOON_SECONDS, Backoff
+from broadcast.client.command import UsageError, build_parser, compose_url, main
+from broadcast.client.connection import Frame, Target, describe_close, handshake_url, parse_frame
+from broadcast.client.recovery import Replay, SeenMessages, message_id
 from broadcast.client.render import (
     disconnected_line,
     error_line,
     json_line,
     message_line,
+    recovered_line,
     render_event,
 )
 from broadcast.client.sanitize import sanitize
@@ -83,8 +87,41 @@ def test_join_and_leave_lines() -> None:
 
 
 def test_other_events_are_not_rendered() -> None:
-    for kind in ("welcome", "ack", "pong", "surprise"):
+    for kind in ("welcome", "ack", "pong", "recovered", "surprise"):
         assert render_event({"type": kind}) is None
+
+
+def test_a_gap_is_told_as_a_possible_loss() -> None:
+    line = render_event({"type": "gap", "channel": "general"})
+    assert line == "! some messages may have been lost (server link interrupted)"
+
+
+@pytest.mark.parametrize(
+    ("complete", "resumed", "shown", "line"),
+    [
+        (True, True, 3, "* recovered 3 missed messages"),
+        (True, True, 1, "* recovered 1 missed message"),
+        (True, True, 0, None),  # nothing missed: nothing to say
+        (False, True, 2, "! some messages were lost while disconnected"),
+        (False, True, 0, "! some messages were lost while disconnected"),
+        (True, False, 5, "* 5 earlier messages from the history above"),
+        (True, False, 0, None),
+        (False, False, 0, "! some earlier messages could not be fetched"),
+    ],
+)
+def test_recovered_lines(complete: bool, resumed: bool, shown: int, line: str | None) -> None:
+    event = {"type": "recovered", "channel": "general", "count": shown + 2, "complete": complete}
+    replay = Replay("1-0", shown=shown) if resumed else Replay(None, history=9, shown=shown)
+    assert recovered_line(event, replay) == line
+    assert recovered_line(event, None) is None  # a replay we never asked for
+
+
+def test_a_replay_counts_the_new_messages_before_recovered() -> None:
+    replay = Replay("1-0")
+    for event in ({"type": "message", "id": "2-0"}, {"type": "join"}, {"type": "recovered"}):
+        replay.note(Frame(json.dumps(event), event))
+    replay.note(_message("3-0"))  # live, after the replay
+    assert (replay.shown, replay.over, replay.resumed) == (1, True, True)
 
 
 def test_render_sanitizes_every_field_and_survives_odd_types() -> None:
@@ -118,6 +155,11 @@ def test_status_lines() -> None:
     assert lost == "* connection lost: the connection dropped; reconnecting in 1.4 s"
     never = disconnected_line("ws://h:1/", "connection refused", 0.5, was_connected=False)
     assert never == "* cannot reach ws://h:1/: connection refused; retrying in 0.5 s"
+    drain = "the server is restarting (1012: draining)"
+    soon = disconnected_line("ws://h:1/", drain, 0.04, was_connected=True, restarting=True)
+    assert soon == "* server is restarting; reconnecting"
+    later = disconnected_line("ws://h:1/", drain, 1.5, was_connected=True, restarting=True)
+    assert later == "* server is restarting; reconnecting in 1.5 s"
 
 
 def test_json_line_is_the_frame_as_received_when_safe() -> None:
@@ -147,6 +189,112 @@ def test_close_reasons_read_plainly() -> None:
     assert describe_close(CloseReason(1006, None)) == "the connection dropped"
     assert describe_close(CloseReason(1001, "bye")) == "the server is shutting down (1001: bye)"
     assert describe_close(CloseReason(4008, None)) == "this client read too slowly (4008)"
+    assert describe_close(CloseReason(4010, "idle: no reply to ping")) == (
+        "the server heard nothing from this client for too long (4010: idle: no reply to ping)"
+    )
+    assert describe_close(CloseReason(1012, "draining")) == (
+        "the server is restarting (1012: draining)"
+    )
+
+
+# --- recovery: ids seen, where to resume ---------------------------------------------------
+
+
+def _message(message_id: object) -> Frame:
+    event = {"type": "message", "id": message_id, "sender": "a", "text": "t"}
+    return Frame(json.dumps(event), event)
+
+
+def test_a_message_id_is_an_integer_pair_or_nothing() -> None:
+    assert message_id("1732435200123-7") == (1732435200123, 7)
+    for bad in ("", "12", "1-", "-1", "a-1", "1-2-3", " 1-2", "1_0-2", "١-٢", None, 12):
+        assert message_id(bad) is None
+
+
+def test_a_message_seen_before_is_dropped_and_others_pass() -> None:
+    seen = SeenMessages()
+    assert seen.admit(_message("5-0"))
+    assert not seen.admit(_message("5-0"))
+    assert seen.admit(_message("5-1"))
+    for other in ({"type": "join", "name": "bob"}, {"type": "recovered", "count": 0}):
+        assert seen.admit(Frame(json.dumps(other), other))
+        assert seen.admit(Frame(json.dumps(other), other))  # not messages: never dropped
+
+
+def test_resuming_starts_after_the_newest_id_compared_as_numbers() -> None:
+    seen = SeenMessages()
+    assert seen.newest_text is None
+    for raw in ("9-5", "10-0", "9-7"):  # as strings "9-7" > "10-0"; as ids it is older
+        seen.admit(_message(raw))
+    assert seen.newest_text == "10-0"
+
+
+def test_our_own_acked_message_counts_as_seen() -> None:
+    seen = SeenMessages()
+    ack = {"type": "ack", "ref": "c-1", "id": "20-0"}
+    assert seen.admit(Frame(json.dumps(ack), ack))  # the ack itself reaches the chat
+    assert seen.newest_text == "20-0"
+    assert not seen.admit(_message("20-0"))  # our line, replayed to us: already on screen
+
+
+def test_a_message_without_a_usable_id_is_shown_but_not_remembered() -> None:
+    seen = SeenMessages()
+    assert seen.admit(_message("garbage")) and seen.admit(_message("garbage"))
+    assert seen.admit(_message(None))
+    assert seen.newest_text is None and len(seen) == 0
+
+
+def test_seen_ids_are_bounded_forgetting_the_oldest() -> None:
+    seen = SeenMessages(capacity=3)
+    for n in range(10):
+        seen.admit(_message(f"{n}-0"))
+    assert len(seen) == 3
+    assert not seen.admit(_message("9-0")) and not seen.admit(_message("7-0"))
+    assert seen.admit(_message("0-0"))  # long forgotten; a replay never reaches back that far
+    assert seen.newest_text == "9-0"
+
+
+# --- the handshake URL ---------------------------------------------------------------------
+
+
+def _query(url: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(url).query, keep_blank_values=True)
+
+
+def test_the_handshake_query_names_the_client_and_its_channel() -> None:
+    target = Target("ws://h:1/", "alice", "general")
+    assert handshake_url(target) == "ws://h:1/?channel=general&name=alice"
+    assert _query(handshake_url(Target("ws://h:1/", None, "x"))) == {"channel": ["x"]}
+
+
+def test_the_handshake_query_is_urlencoded() -> None:
+    target = Target("ws://h:1/", "Zoë & co=1?", "a.b_c-d")
+    url = handshake_url(target)
+    assert " " not in url and "ë" not in url
+    assert _query(url) == {"channel": ["a.b_c-d"], "name": ["Zoë & co=1?"]}
+
+
+def test_the_handshake_query_asks_for_a_replay_and_no_notices() -> None:
+    quiet = Target("ws://h:1/", None, "general", announce=False, history=5)
+    assert _query(handshake_url(quiet, history=5)) == {
+        "channel": ["general"],
+        "announce": ["0"],
+        "history": ["5"],
+    }
+    resumed = _query(handshake_url(quiet, since="17-3", history=5))
+    assert resumed["since"] == ["17-3"] and "history" not in resumed  # since wins
+
+
+def test_the_handshake_query_keeps_parameters_of_the_url() -> None:
+    target = Target("wss://h/chat?token=abc&name=old", "alice", "general")
+    url = handshake_url(target, since="1-0")
+    assert url.startswith("wss://h/chat?")
+    assert _query(url) == {
+        "token": ["abc"],
+        "name": ["alice"],
+        "channel": ["general"],
+        "since": ["1-0"],
+    }
 
 
 # --- backoff -------------------------------------------------------------------------------
@@ -162,6 +310,12 @@ def test_backoff_grows_exponentially_up_to_the_cap_with_full_jitter() -> None:
     assert ceilings[-1] == 10
     backoff.reset()
     assert backoff.ceiling() == 1
+
+
+def test_after_a_drain_the_retry_comes_at_once_and_the_next_backs_off() -> None:
+    backoff = Backoff(rng=random.Random(3))
+    assert 0 <= backoff.soon() <= SOON_SECONDS
+    assert backoff.failures == 1 and backoff.ceiling() == 2
 
 
 def test_backoff_delays_are_spread_not_synchronised() -> None:
@@ -202,5 +356,11 @@ def test_main_returns_exit_codes_instead_of_exiting(capsys: pytest.CaptureFixtur
     assert main(["listen", "--channel", "no spaces"]) == 2
     assert main(["send", "hi", "--url", "http://x/"]) == 2
     assert main(["send", "hi", "--port", "0"]) == 2
+    assert main(["listen", "--history", "1001"]) == 2
+    assert main(["connect", "--history", "-1"]) == 2
+    assert main(["connect", "--history", "ten"]) == 2
+    assert main(["send", "hi", "--history", "3"]) == 2  # send replays nothing
+    assert build_parser().parse_args(["listen", "--history", "1000"]).history == 1000
+    assert build_parser().parse_args(["connect"]).history == 0
     assert main([]) == 2
     assert "Traceback" not in capsys.readouterr().err

@@ -1,7 +1,10 @@
 """``broadcast-cli send`` and ``listen`` as real subprocesses against a real gateway subprocess.
 
-Each test uses its own channel on one gateway for the module. Waits are on output (a listener
-says ``connected`` on stderr once welcomed) under deadlines, never on sleeps.
+Each test uses its own channel on one gateway for the module. Where a test needs what a gateway
+does not do on demand (die and come back with its history, replay sloppily, report a loss, close
+with 1012, 4008 or 4010), the other side is the fake gateway of tests/support instead. Waits are
+on output (a listener says ``connected`` on stderr once welcomed) or on the server's state, under
+deadlines, never on sleeps.
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ from functools import partial
 
 import pytest
 import trio
+from trio_websocket import WebSocketConnection
 
 from broadcast.protocol.envelope import parse_id
-from tests.support.cli_process import CLI, LineReader, cli_env, next_event, raw_client, run_cli
+from tests.support.cli_process import (
+    CLI,
+    LineReader,
+    cli_env,
+    listening,
+    next_event,
+    raw_client,
+    run_cli,
+)
 from tests.support.fake_gateway import FakeGateway
 from tests.support.gateway_process import GatewayProcess
 
@@ -30,31 +42,6 @@ def gateway() -> Iterator[GatewayProcess]:
         yield process
     finally:
         process.terminate()
-
-
-@asynccontextmanager
-async def listening(url: str, *args: str) -> AsyncIterator[tuple[LineReader, LineReader]]:
-    """A ``listen`` subprocess, welcomed; stopped with SIGTERM afterwards, which must exit 0."""
-    process = await trio.lowlevel.open_process(
-        [*CLI, "listen", "--url", url, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(),
-    )
-    assert process.stdout is not None and process.stderr is not None
-    out, err = LineReader(process.stdout), LineReader(process.stderr)
-    try:
-        await err.line_containing("connected to")
-        yield out, err
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(15):
-            assert await process.wait() == 0, err.seen
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await process.stdout.aclose()
-        await process.stderr.aclose()
 
 
 async def test_listen_json_prints_what_send_sent_exactly_as_received(
@@ -157,9 +144,9 @@ async def test_listen_leaves_on_a_signal_with_a_normal_close(signum: int) -> Non
 
 
 @pytest.mark.parametrize("command", [["send", "hi"], ["listen"], ["connect"]])
-async def test_a_refused_hello_exits_1_with_the_error_code(command: list[str]) -> None:
+async def test_a_refused_name_exits_1_with_the_error_code(command: list[str]) -> None:
     fake = FakeGateway()
-    fake.refuse_hello = "bad_name"
+    fake.refuse_name = "bad_name"
     async with trio.open_nursery() as nursery:
         await fake.start(nursery)
         result = await run_cli(*command, "--url", fake.url, "--name", "alice")
@@ -168,3 +155,190 @@ async def test_a_refused_hello_exits_1_with_the_error_code(command: list[str]) -
     output = (result.stdout + result.stderr).decode()
     assert "bad_name: refused, as asked" in output
     assert "Traceback" not in output
+
+
+# --- naming in the handshake; scripts come and go without notices ---------------------------
+
+
+@asynccontextmanager
+async def serving_fake() -> AsyncIterator[tuple[FakeGateway, trio.Nursery]]:
+    async with trio.open_nursery() as nursery:
+        fake = FakeGateway()
+        await fake.start(nursery)
+        yield fake, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_handshake_query_names_the_client_and_scripts_ask_for_no_notices() -> None:
+    async with serving_fake() as (fake, _):
+        sent = await run_cli("send", "--url", fake.url, "--name", "bob", "--channel", "c", "hi")
+        assert sent.returncode == 0, sent.stderr
+        async with listening(fake.url, "--channel", "c"):
+            pass
+        chatted = await run_cli("connect", "--url", fake.url, "--name", "carol", stdin=b"")
+        assert chatted.returncode == 0, chatted.stderr
+    assert [c.query for c in fake.clients] == [
+        {"name": "bob", "channel": "c", "announce": "0"},
+        {"channel": "c", "announce": "0"},
+        {"name": "carol", "channel": "general"},
+    ]
+    assert not any(command["type"] == "hello" for c in fake.clients for command in c.received)
+
+
+async def _notices_and_messages(ws: WebSocketConnection, until_left: str) -> list[tuple[str, str]]:
+    """(type, who) of each join, leave and message, until ``until_left`` leaves."""
+    seen: list[tuple[str, str]] = []
+    while seen[-1:] != [("leave", until_left)]:
+        event = await next_event(ws, lambda e: e.get("type") in ("join", "leave", "message"))
+        seen.append((event["type"], event.get("name") or event.get("sender")))
+    return seen
+
+
+async def test_connect_joins_once_under_its_own_name(gateway: GatewayProcess) -> None:
+    channel = "cli-named"
+    async with raw_client(gateway.url, "watcher", channel) as watcher:
+        result = await run_cli(
+            "connect", "--url", gateway.url, "--name", "alice", "--channel", channel, stdin=b"hi\n"
+        )
+        assert result.returncode == 0, result.stderr
+        # Not "guest-N joined, guest-N left, alice joined": the query named us from the start.
+        assert await _notices_and_messages(watcher, "alice") == [
+            ("join", "alice"),
+            ("message", "alice"),
+            ("leave", "alice"),
+        ]
+
+
+async def test_send_and_listen_come_and_go_without_notices(gateway: GatewayProcess) -> None:
+    channel = "cli-quiet"
+    async with raw_client(gateway.url, "watcher", channel) as watcher:
+        async with listening(gateway.url, "--channel", channel, "--name", "ears") as (out, _):
+            sent = await run_cli(
+                "send", "--url", gateway.url, "--channel", channel, "--name", "bob", "x"
+            )
+            assert sent.returncode == 0, sent.stderr
+            await out.line_containing("bob: x")
+        # A chat after them, as a marker: everything the watcher got before it is theirs.
+        marker = await run_cli(
+            "connect", "--url", gateway.url, "--name", "carol", "--channel", channel, stdin=b"m\n"
+        )
+        assert marker.returncode == 0, marker.stderr
+        assert await _notices_and_messages(watcher, "carol") == [
+            ("message", "bob"),
+            ("join", "carol"),
+            ("message", "carol"),
+            ("leave", "carol"),
+        ]
+
+
+# --- recovery after a reconnect, deduplicated; replays, gaps and close codes ----------------
+
+
+async def test_listen_json_recovers_what_it_missed_each_message_once() -> None:
+    async with serving_fake() as (fake, nursery):
+        async with listening(fake.url, "--json") as (out, err):
+            await fake.wait_joined()
+            before = [await fake.publish("bob", f"before {n}") for n in range(2)]
+            assert [json.loads(await out.line())["id"] for _ in before] == [m["id"] for m in before]
+            fake.stop()
+            await err.line_containing("connection lost")
+            missed = [await fake.publish("bob", f"missed {n}") for n in range(3)]
+            fake.replay_overlap = 2  # a sloppy server: the two it already has come again
+            await fake.start(nursery)
+            lines = [json.loads(await out.line()) for _ in range(4)]
+            await fake.wait_joined()
+            after = await fake.publish("bob", "after")
+            lines.append(json.loads(await out.line()))
+        assert fake.clients[-1].query["since"] == before[-1]["id"]
+        assert lines == [
+            *missed,
+            {"type": "recovered", "channel": "general", "count": 5, "complete": True},
+            after,
+        ]
+
+
+async def test_listen_tells_people_what_was_recovered_or_lost() -> None:
+    async with serving_fake() as (fake, nursery):
+        async with listening(fake.url) as (out, err):
+            await fake.wait_joined()
+            await fake.publish("bob", "one")
+            await out.line_containing("bob: one")
+            fake.stop()
+            await err.line_containing("connection lost")
+            await fake.publish("bob", "two")
+            await fake.start(nursery)
+            await out.line_containing("bob: two")
+            assert await out.line() == "* recovered 1 missed message"
+
+            fake.stop()
+            await err.line_containing("connection lost")
+            fake.history_lost = True
+            await fake.start(nursery)
+            assert await out.line() == "! some messages were lost while disconnected"
+            await fake.wait_joined()
+
+            await fake.broadcast({"type": "gap", "channel": "general"})
+            assert (
+                await out.line() == "! some messages may have been lost (server link interrupted)"
+            )
+        assert sum("bob: one" in line for line in out.seen) == 1
+
+
+async def test_listen_json_passes_a_gap_through() -> None:
+    async with serving_fake() as (fake, _), listening(fake.url, "--json") as (out, _):
+        await fake.wait_joined()
+        await fake.broadcast({"type": "gap", "channel": "general"})
+        assert json.loads(await out.line()) == {"type": "gap", "channel": "general"}
+
+
+async def test_listen_history_shows_the_last_messages_first() -> None:
+    async with serving_fake() as (fake, _):
+        for n in range(3):
+            await fake.publish("bob", f"old {n}")
+        async with listening(fake.url, "--history", "2") as (out, _):
+            assert [(await out.line()).split("] ", 1)[1] for _ in range(2)] == [
+                "bob: old 1",
+                "bob: old 2",
+            ]
+            assert await out.line() == "* 2 earlier messages from the history above"
+        assert fake.clients[0].query["history"] == "2"
+
+
+async def test_a_draining_server_is_left_for_another_at_once() -> None:
+    async with serving_fake() as (fake, _), listening(fake.url) as (out, err):
+        await fake.wait_joined()
+        seen = await fake.publish("bob", "before the restart")
+        await out.line_containing("before the restart")
+        await fake.close_all(1012, "draining")
+        assert await err.line() == "* server is restarting; reconnecting"
+        await err.line_containing("* connected to ")
+        assert fake.clients[-1].query["since"] == seen["id"]
+        await fake.wait_joined()
+        await fake.publish("bob", "after the restart")
+        # Nothing missed: no "recovered 0" line, the next line is the next message.
+        assert (await out.line()).endswith("bob: after the restart")
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (4008, "this client read too slowly (4008: slow)"),
+        (4010, "the server heard nothing from this client for too long (4010: idle)"),
+    ],
+)
+async def test_slow_and_idle_closes_are_reported_plainly(code: int, reason: str) -> None:
+    async with serving_fake() as (fake, _), listening(fake.url) as (_, err):
+        await fake.wait_joined()
+        await fake.close_all(code, reason.rsplit(": ", 1)[1].rstrip(")"))
+        line = await err.line()
+        assert line.startswith(f"* connection lost: {reason}; reconnecting in "), line
+        await err.line_containing("* connected to ")
+
+
+async def test_listen_reports_an_error_from_the_server_on_stderr() -> None:
+    async with serving_fake() as (fake, _), listening(fake.url, "--json") as (out, err):
+        await fake.wait_joined()
+        refusal = {"type": "error", "code": "bad_command", "message": "not a message id"}
+        await fake.broadcast(refusal)
+        assert await err.line() == "! bad_command: not a message id"
+        assert out.seen == []

@@ -119,6 +119,8 @@ async def test_redis_outage_under_traffic(
 
         redis_server.start()
         await wait_until(lambda: gateway.ready)
+        # Redis came back empty: what it held is gone, and clients are told so.
+        assert (await b.expect("gap"))["channel"] == "general"
         await a.publish("after")
         assert (await b.expect("message"))["text"] == "after"
     assert gateway.stats.publish_failures >= 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,6 +64,31 @@ class LineReader:
             while needle not in (line := await self.line(seconds)):
                 pass
             return line
+
+
+@asynccontextmanager
+async def listening(url: str, *args: str) -> AsyncIterator[tuple[LineReader, LineReader]]:
+    """A ``listen`` subprocess, welcomed; stopped with SIGTERM afterwards, which must exit 0."""
+    process = await trio.lowlevel.open_process(
+        [*CLI, "listen", "--url", url, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    out, err = LineReader(process.stdout), LineReader(process.stderr)
+    try:
+        await err.line_containing("connected to")
+        yield out, err
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await process.wait() == 0, err.seen
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.stdout.aclose()
+        await process.stderr.aclose()
 
 
 @asynccontextmanager

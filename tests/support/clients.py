@@ -42,6 +42,14 @@ class WsClient:
                 return event
             assert event["type"] in skip, f"expected {kind}, got {event}"
 
+    async def take(self, kind: str) -> dict[str, Any]:
+        """The next event of ``kind``; others that come first are kept for later, in order."""
+        passed = []
+        while (event := await self.event())["type"] != kind:
+            passed.append(event)
+        self._stash.extendleft(reversed(passed))
+        return event
+
     async def send_json(self, obj: dict[str, Any]) -> None:
         await self.ws.send_message(json.dumps(obj))
 
@@ -49,10 +57,7 @@ class WsClient:
         """Publish and return the id from the ack (the sender never gets its own message)."""
         ref = f"r{next(self._refs)}"
         await self.send_json({"type": "publish", "text": text, "ref": ref})
-        skipped = []
-        while (event := await self.event())["type"] != "ack":
-            skipped.append(event)  # kept, in order, for later expect() calls
-        self._stash.extend(skipped)
+        event = await self.take("ack")
         assert event["ref"] == ref, event
         return event["id"]
 
@@ -70,7 +75,7 @@ async def ws_client(
         client.welcome = await client.expect("welcome")
         if not {"since", "history"} & query.keys():
             # The snapshot of who is here follows the welcome (after a replay, when one was asked).
-            client.presence = (await client.expect("presence"))["members"]
+            client.presence = (await client.take("presence"))["members"]
         yield client
 
 

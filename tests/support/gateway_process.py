@@ -18,9 +18,18 @@ _STARTUP_TIMEOUT = 30  # a busy 2-core CI machine can take seconds to import and
 class GatewayProcess:
     """``broadcast-server start`` on a free port; its log is kept for assertions and failures."""
 
-    def __init__(self, *, redis_url: str | None = None, node_id: str, extra: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        node_id: str,
+        extra: tuple[str, ...] = (),
+        port: int = 0,
+    ):
+        """``port`` 0 picks a free one; a fixed port lets a replacement take over from a
+        killed gateway at the same address, as clients configured with its URL expect."""
         self.node_id = node_id
-        argv = [sys.executable, "-m", "broadcast.gateway", "start", "--port", "0"]
+        argv = [sys.executable, "-m", "broadcast.gateway", "start", "--port", str(port)]
         argv += ["--node-id", node_id, "--log-level", "info", *extra]
         if redis_url:
             argv += ["--redis-url", redis_url]

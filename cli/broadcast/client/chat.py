@@ -23,13 +23,14 @@ from broadcast.client.connection import (
     Refused,
     Target,
 )
-from broadcast.client.link import Link
+from broadcast.client.link import Link, server_restarting
 from broadcast.client.render import (
     connected_line,
     disconnected_line,
     error_line,
     message_line,
     notice_line,
+    recovered_line,
     render_event,
 )
 from broadcast.client.sanitize import sanitize
@@ -49,7 +50,8 @@ class ChatRoom:
     """The chat as the person sees it: sends their lines, prints what arrives.
 
     Called only from trio tasks. Our own lines are printed when the server acks them (the
-    server does not echo them to us), so what is on screen is what others received.
+    server does not echo them to us), so what is on screen is what others received. The Link
+    has already dropped any message shown before, our own acked ones included.
     """
 
     def __init__(self, target: Target, terminal: Terminal) -> None:
@@ -81,6 +83,10 @@ class ChatRoom:
             if isinstance(ref, str):
                 self._confirm(ref)
             self._show(error_line(event))
+        elif kind == "recovered":
+            replay = None if self._chat is None else self._chat.replay
+            if (line := recovered_line(event, replay)) is not None:
+                self._show(line)
         elif (line := render_event(event)) is not None:
             self._show(line)
 
@@ -90,9 +96,14 @@ class ChatRoom:
             self._show(f"! connection lost before an answer; maybe not sent: {sanitize(text)}")
         self._unconfirmed.clear()
         self._settled.set()
-        was_connected = isinstance(error, ConnectionLost)
         self._show(
-            disconnected_line(self._target.url, error.reason, retry_in, was_connected=was_connected)
+            disconnected_line(
+                self._target.url,
+                error.reason,
+                retry_in,
+                was_connected=isinstance(error, ConnectionLost),
+                restarting=server_restarting(error),
+            )
         )
 
     # --- the person's side ---------------------------------------------------------------
@@ -141,7 +152,7 @@ class ChatRoom:
 
 
 async def run_chat(target: Target, terminal: Terminal) -> int:
-    """Chat until the person leaves; 0, or 1 when the server refused our hello."""
+    """Chat until the person leaves; 0, or 1 when the server refused our name or channel."""
     room = ChatRoom(target, terminal)
     link = Link(target, room)
     typing = trio.CancelScope()  # reading typed lines; cancelled by a signal or a refusal

@@ -21,7 +21,7 @@ from broadcast.client.listen import run_listen
 from broadcast.client.send import run_send
 from broadcast.client.terminal import PipeTerminal, PromptTerminal
 from broadcast.protocol.errors import ProtocolError
-from broadcast.protocol.limits import DEFAULT_CHANNEL, DEFAULT_PORT
+from broadcast.protocol.limits import DEFAULT_CHANNEL, DEFAULT_PORT, HISTORY_LENGTH
 from broadcast.protocol.validate import check_channel, check_name
 
 PROG = "broadcast-cli"
@@ -40,7 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         target = Target(
-            url=compose_url(args.host, args.port, args.url), name=args.name, channel=args.channel
+            url=compose_url(args.host, args.port, args.url),
+            name=args.name,
+            channel=args.channel,
+            # Scripts (send, listen) come and go without telling everyone in the channel.
+            announce=args.command == "connect",
+            history=getattr(args, "history", 0),
         )
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -83,9 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Chat on a broadcast server from the terminal."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    replay = argparse.ArgumentParser(add_help=False)
+    replay.add_argument(
+        "--history",
+        type=_history,
+        default=0,
+        metavar="N",
+        help=f"on joining, first show the last N messages of the channel (0-{HISTORY_LENGTH})",
+    )
+
     commands.add_parser(
         "connect",
-        parents=[where],
+        parents=[where, replay],
         help="chat interactively",
         description="Chat interactively: type a line and press Enter to send it; "
         "/quit, exit, Ctrl+C or Ctrl+D to leave. With stdin not a terminal, sends its lines.",
@@ -106,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen = commands.add_parser(
         "listen",
-        parents=[where],
+        parents=[where, replay],
         help="print what arrives until Ctrl+C",
-        description="Print messages, joins and leaves as they arrive, until Ctrl+C or SIGTERM. "
+        description="Print messages, joins and leaves as they arrive, until Ctrl+C or SIGTERM; "
+        "after a reconnection, the messages missed meanwhile, each message once. "
         "Status lines go to stderr.",
     )
     listen.add_argument(
@@ -154,6 +169,16 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
     return value
+
+
+def _history(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= count <= HISTORY_LENGTH:
+        raise argparse.ArgumentTypeError(f"history is 0-{HISTORY_LENGTH} messages, not {count}")
+    return count
 
 
 def _name(text: str) -> str:

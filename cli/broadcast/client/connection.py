@@ -1,9 +1,12 @@
 """One WebSocket connection to a gateway, speaking docs/protocol.md.
 
-``open_chat`` connects, says ``hello`` and waits for the ``welcome`` that answers it. Network
-failures become ``Unreachable`` (before the welcome) or ``ConnectionLost`` (after it), each with
-a short reason a person can read; nothing else is caught here, so a bug in the caller is never
-mistaken for a network problem.
+``open_chat`` connects with the name, channel and replay request in the handshake query
+(``ws://host/?name=alice&channel=general``) and waits for the ``welcome``. Naming ourselves in
+the query, rather than in a ``hello`` afterwards, means the others see one ``alice joined`` and
+not ``guest-7 joined``, ``guest-7 left``, ``alice joined``; and a replay asked for there comes
+before any live message. Network failures become ``Unreachable`` (before the welcome) or
+``ConnectionLost`` (after it), each with a short reason a person can read; nothing else is
+caught here, so a bug in the caller is never mistaken for a network problem.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 from trio_websocket import (
@@ -26,10 +30,11 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from broadcast.client.recovery import Replay
 from broadcast.protocol.errors import CloseCode
 from broadcast.protocol.limits import MAX_FRAME_BYTES
 
-# Connecting plus the hello/welcome exchange; a gateway on a busy machine answers in milliseconds.
+# Connecting plus waiting for the welcome; a gateway on a busy machine answers in milliseconds.
 CONNECT_TIMEOUT = 10.0
 # Closing politely (our close frame, the server's answer) must not hold up leaving.
 CLOSE_TIMEOUT = 2.0
@@ -44,11 +49,15 @@ _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where to connect and who to be there."""
+    """Where to connect, who to be there, and how to join."""
 
     url: str
     name: str | None
     channel: str
+    announce: bool = True
+    """False for one-shot tools (send, listen): join and leave without notices to others."""
+    history: int = 0
+    """How many earlier messages the first connection asks for (0 to 1000)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +73,15 @@ class Frame:
 
 
 class ChatError(Exception):
-    """A network failure, with a short reason for people: ``connection refused``, …"""
+    """A network failure, with a short reason for people: ``connection refused``, …
 
-    def __init__(self, reason: str) -> None:
+    ``code`` is the WebSocket close code when the server closed the connection with one.
+    """
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class Unreachable(ChatError):
@@ -80,7 +93,7 @@ class ConnectionLost(ChatError):
 
 
 class Refused(Exception):
-    """The server answered our hello with an error; retrying would not help."""
+    """The server refused the name or channel we asked for; retrying would not help."""
 
     def __init__(self, event: Mapping[str, Any]) -> None:
         super().__init__(f"{event.get('code')}: {event.get('message')}")
@@ -99,11 +112,17 @@ def parse_frame(message: str | bytes) -> Frame | None:
 
 
 class ChatConnection:
-    """A welcomed connection: publish text, receive events."""
+    """A welcomed connection: publish text, receive events.
 
-    def __init__(self, ws: WebSocketConnection, welcome: Mapping[str, Any]) -> None:
+    ``replay`` is what the handshake asked to be replayed, if anything.
+    """
+
+    def __init__(
+        self, ws: WebSocketConnection, welcome: Mapping[str, Any], replay: Replay | None = None
+    ) -> None:
         self._ws = ws
         self.welcome = welcome
+        self.replay = replay
         self._closed = trio.Event()
 
     @property
@@ -158,28 +177,61 @@ class ChatConnection:
         try:
             return await self._ws.get_message()
         except ConnectionClosed as exc:
-            raise ConnectionLost(describe_close(exc.reason)) from None
+            raise _lost(exc) from None
 
     async def _send(self, command: dict[str, Any]) -> None:
         try:
             await self._ws.send_message(_compact(command))
         except ConnectionClosed as exc:
-            raise ConnectionLost(describe_close(exc.reason)) from None
+            raise _lost(exc) from None
+
+
+def _lost(exc: ConnectionClosed) -> ConnectionLost:
+    return ConnectionLost(describe_close(exc.reason), _close_code(exc))
+
+
+def _close_code(exc: ConnectionClosed) -> int | None:
+    return exc.reason.code if exc.reason is not None else None
+
+
+def handshake_url(target: Target, *, since: str | None = None, history: int = 0) -> str:
+    """``target.url`` with our name, channel and replay request in its query string.
+
+    Parameters already in a ``--url`` are kept, except those we set ourselves.
+    """
+    ours: dict[str, str] = {"channel": target.channel}
+    if target.name is not None:
+        ours["name"] = target.name
+    if not target.announce:
+        ours["announce"] = "0"
+    if since is not None:
+        ours["since"] = since
+    elif history > 0:
+        ours["history"] = str(history)
+    parts = urlsplit(target.url)
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+    return urlunsplit(parts._replace(query=urlencode([*kept, *ours.items()])))
 
 
 @asynccontextmanager
 async def open_chat(
-    target: Target, handshake_seconds: float = CONNECT_TIMEOUT
+    target: Target,
+    handshake_seconds: float = CONNECT_TIMEOUT,
+    *,
+    since: str | None = None,
+    history: int = 0,
 ) -> AsyncIterator[ChatConnection]:
     """A welcomed connection, closed with code 1000 on the way out (even when cancelled).
 
-    Connecting and the hello/welcome exchange may each take ``handshake_seconds``.
+    Connecting and waiting for the welcome may each take ``handshake_seconds``. ``since`` (a
+    message id) asks for every message after it, ``history`` for the last N messages; either
+    way the gateway replays them right after the welcome and ends with ``recovered``.
     """
     async with AsyncExitStack() as stack:
         try:
             ws = await stack.enter_async_context(
                 open_websocket_url(
-                    target.url,
+                    handshake_url(target, since=since, history=history),
                     connect_timeout=handshake_seconds,
                     disconnect_timeout=CLOSE_TIMEOUT,
                     max_message_size=MAX_INCOMING_BYTES,
@@ -190,12 +242,13 @@ async def open_chat(
         stack.push_async_callback(close_politely, ws)
         try:
             with trio.fail_after(handshake_seconds):
-                welcome = await _hello(ws, target)
+                welcome = await _welcome(ws, target)
         except ConnectionClosed as exc:
-            raise Unreachable(describe(exc)) from None
+            raise Unreachable(describe(exc), _close_code(exc)) from None
         except trio.TooSlowError:
             raise Unreachable(f"no welcome within {handshake_seconds:g} s") from None
-        yield ChatConnection(ws, welcome)
+        asked = since is not None or history > 0
+        yield ChatConnection(ws, welcome, Replay(since, history) if asked else None)
 
 
 async def close_politely(ws: WebSocketConnection) -> None:
@@ -208,32 +261,43 @@ async def close_politely(ws: WebSocketConnection) -> None:
         await ws.aclose(CloseCode.NORMAL)
 
 
-async def _hello(ws: WebSocketConnection, target: Target) -> dict[str, Any]:
-    """Send hello and return the welcome that answers it.
+async def _welcome(ws: WebSocketConnection, target: Target) -> dict[str, Any]:
+    """The welcome the gateway sends first, naming the identity our query asked for.
 
-    The gateway sends one welcome right after the handshake and another after the hello. The
-    one that answers ours names our channel (and our name, if we chose one), which also copes
-    with a server that sends a single welcome. Events before it belong to the default channel
-    we were in before the hello, so they are dropped.
+    A gateway that does not accept a value of the query (a name it refuses) welcomes us with
+    its defaults and follows that with an ``error``: that error, or the mismatch itself, is a
+    refusal, since joining under another name or in another channel is not what was asked.
     """
-    hello: dict[str, Any] = {"type": "hello", "channel": target.channel}
-    if target.name is not None:
-        hello["name"] = target.name
-    await ws.send_message(_compact(hello))
+    welcome: dict[str, Any] | None = None
     while True:
         frame = parse_frame(await ws.get_message())
         if frame is None:
             continue
         if frame.kind == "error":
             raise Refused(frame.event)
-        if frame.kind == "welcome" and _answers(frame.event, target):
-            return frame.event
+        if welcome is not None:  # the frame after a welcome that did not answer us
+            raise Refused(_not_as_asked(welcome, target))
+        if frame.kind == "welcome":
+            if _answers(frame.event, target):
+                return frame.event
+            welcome = frame.event
 
 
 def _answers(welcome: Mapping[str, Any], target: Target) -> bool:
     if welcome.get("channel") != target.channel:
         return False
     return target.name is None or welcome.get("name") == target.name
+
+
+def _not_as_asked(welcome: Mapping[str, Any], target: Target) -> dict[str, Any]:
+    """An error event of our own for a server that silently ignored what we asked for."""
+    asked = f"{target.name} in #{target.channel}" if target.name else f"#{target.channel}"
+    given = f"{welcome.get('name')} in #{welcome.get('channel')}"
+    return {
+        "type": "error",
+        "code": "not_as_asked",
+        "message": f"the server welcomed us as {given}, not {asked}",
+    }
 
 
 def describe(exc: BaseException) -> str:
@@ -259,8 +323,9 @@ _CLOSE_MEANINGS = {
     CloseCode.GOING_AWAY: "the server is shutting down",
     CloseCode.PROTOCOL_ERROR: "WebSocket protocol error",
     CloseCode.MESSAGE_TOO_BIG: "a frame was too big",
-    1012: "the server is restarting",  # RFC 6455 registry: Service Restart
+    CloseCode.SERVICE_RESTART: "the server is restarting",
     CloseCode.SLOW: "this client read too slowly",
+    CloseCode.IDLE: "the server heard nothing from this client for too long",
 }
 
 

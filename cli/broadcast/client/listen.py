@@ -2,7 +2,9 @@
 
 Events go to stdout, one line each, flushed at once; status (connected, connection lost) goes to
 stderr, so ``listen --json | jq`` sees only events. Runs until SIGINT or SIGTERM, reconnecting
-with backoff like ``connect``.
+with backoff like ``connect`` and recovering what was missed meanwhile, each message once.
+What the recovery found (``recovered``) and a server-side ``gap`` are part of the stream, at the
+place they happened: stdout, so a script can act on them and a person sees where a loss lies.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from broadcast.client.connection import (
     Refused,
     Target,
 )
-from broadcast.client.link import Link
+from broadcast.client.link import Link, server_restarting
+from broadcast.client.recovery import Replay
 from broadcast.client.render import (
     connected_line,
     disconnected_line,
     error_line,
     json_line,
+    recovered_line,
     render_event,
 )
 from broadcast.client.signals import wait_for_leave_signal
 
-SHOWN = frozenset({"message", "join", "leave"})
+SHOWN = frozenset({"message", "join", "leave", "recovered", "gap"})
 
 
 class Listener:
@@ -39,21 +43,36 @@ class Listener:
     def __init__(self, target: Target, *, as_json: bool) -> None:
         self._target = target
         self._as_json = as_json
+        self._replay: Replay | None = None  # what the current connection asked for
 
     def connected(self, chat: ChatConnection) -> None:
+        self._replay = chat.replay
         _status(connected_line(self._target.url, chat.name, chat.channel))
 
     def received(self, frame: Frame) -> None:
+        if frame.kind == "error":  # e.g. a replay the server could not give: say so
+            _status(error_line(frame.event))
+            return
         if frame.kind not in SHOWN:
             return
-        line = json_line(frame.raw, frame.event) if self._as_json else render_event(frame.event)
+        if self._as_json:
+            line: str | None = json_line(frame.raw, frame.event)
+        elif frame.kind == "recovered":
+            line = recovered_line(frame.event, self._replay)
+        else:
+            line = render_event(frame.event)
         if line is not None:
             print(line, flush=True)
 
     def disconnected(self, error: ChatError, retry_in: float) -> None:
-        was_connected = isinstance(error, ConnectionLost)
         _status(
-            disconnected_line(self._target.url, error.reason, retry_in, was_connected=was_connected)
+            disconnected_line(
+                self._target.url,
+                error.reason,
+                retry_in,
+                was_connected=isinstance(error, ConnectionLost),
+                restarting=server_restarting(error),
+            )
         )
 
 
@@ -62,7 +81,7 @@ def _status(line: str) -> None:
 
 
 async def run_listen(target: Target, *, as_json: bool) -> int:
-    """Print events until a signal; 1 when the server refuses our hello."""
+    """Print events until a signal; 1 when the server refuses our name or channel."""
     exit_code = 0
     link = Link(target, Listener(target, as_json=as_json))
     async with trio.open_nursery() as nursery:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from broadcast.client.recovery import Replay
 from broadcast.client.sanitize import is_unsafe, sanitize
 
 LocalTime = Callable[[float], time.struct_time]
@@ -37,9 +38,18 @@ def message_line(sender: str, text: str, ts: object, local_time: LocalTime = tim
     return f"[{clock(ts, local_time)}] {sanitize(sender)}: {sanitize(text)}"
 
 
+GAP_LINE = "! some messages may have been lost (server link interrupted)"
+LOST_WHILE_AWAY_LINE = "! some messages were lost while disconnected"
+
+
 def render_event(event: Mapping[str, Any], local_time: LocalTime = time.localtime) -> str | None:
-    """The line for a ``message``, ``join`` or ``leave`` event; None for anything else."""
+    """The line for a ``message``, ``join``, ``leave`` or ``gap`` event; None for the others.
+
+    ``recovered`` needs to know what was asked for: see ``recovered_line``.
+    """
     kind = event.get("type")
+    if kind == "gap":
+        return GAP_LINE
     if kind == "message":
         return message_line(
             _field(event, "sender"), _field(event, "text"), event.get("ts"), local_time
@@ -50,6 +60,28 @@ def render_event(event: Mapping[str, Any], local_time: LocalTime = time.localtim
         name, channel = sanitize(_field(event, "name")), sanitize(_field(event, "channel"))
         return f"[{stamp}] * {name} {verb} #{channel}"
     return None
+
+
+def recovered_line(event: Mapping[str, Any], replay: Replay | None) -> str | None:
+    """What the ``recovered`` event ending ``replay`` tells a person; None when nothing to say.
+
+    A recovery after a reconnect (``since``) reads differently from the history a first
+    connection asked for. The number is of the replayed messages new to us (``replay.shown``):
+    the event's ``count``, unless the server replayed some we had already shown. Nothing missed
+    is not news; a loss always is. None too for a ``recovered`` we never asked for.
+    """
+    if replay is None:
+        return None
+    if event.get("complete") is False:
+        if replay.resumed:
+            return LOST_WHILE_AWAY_LINE
+        return "! some earlier messages could not be fetched"
+    if replay.shown == 0:
+        return None
+    plural = "" if replay.shown == 1 else "s"
+    if replay.resumed:
+        return notice_line(f"recovered {replay.shown} missed message{plural}")
+    return notice_line(f"{replay.shown} earlier message{plural} from the history above")
 
 
 def error_text(event: Mapping[str, Any]) -> str:
@@ -70,8 +102,16 @@ def connected_line(url: str, name: str, channel: str) -> str:
     return notice_line(f"connected to {url} as {name} in #{channel}")
 
 
-def disconnected_line(url: str, reason: str, retry_in: float, *, was_connected: bool) -> str:
-    """``connection lost: …; reconnecting in 1.4 s``, or ``cannot reach …`` for a failed attempt."""
+def disconnected_line(
+    url: str, reason: str, retry_in: float, *, was_connected: bool, restarting: bool = False
+) -> str:
+    """``connection lost: …; reconnecting in 1.4 s``, or ``cannot reach …`` for a failed attempt.
+
+    ``restarting``: the gateway is draining (1012), which is routine, and we reconnect at once.
+    """
+    if restarting:
+        when = f" in {retry_in:.1f} s" if retry_in >= 0.5 else ""
+        return notice_line(f"server is restarting; reconnecting{when}")
     if was_connected:
         return notice_line(f"connection lost: {reason}; reconnecting in {retry_in:.1f} s")
     return notice_line(f"cannot reach {url}: {reason}; retrying in {retry_in:.1f} s")

@@ -35,7 +35,7 @@ async def run_send(target: Target, text: str, seconds: float) -> int:
                         _fail(f"refused by the server: {error_text(frame.event)}")
                         return REFUSED
         except Refused as exc:
-            _fail(f"the server refused the hello: {error_text(exc.event)}")
+            _fail(f"the server refused our name or channel: {error_text(exc.event)}")
             return REFUSED
         except Unreachable as exc:
             _fail(f"cannot reach {target.url}: {exc.reason}")

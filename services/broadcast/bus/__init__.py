@@ -1,6 +1,6 @@
 """Message buses: how gateways hear each other (MemoryBus: one process; RedisBus: a cluster)."""
 
-from broadcast.bus.base import Bus, BusUnavailable, DeliverBatch, Delivery
+from broadcast.bus.base import Bus, BusUnavailable, DeliverBatch, Delivery, History
 from broadcast.bus.memory import MemoryBus
 
-__all__ = ["Bus", "BusUnavailable", "DeliverBatch", "Delivery", "MemoryBus"]
+__all__ = ["Bus", "BusUnavailable", "DeliverBatch", "Delivery", "History", "MemoryBus"]

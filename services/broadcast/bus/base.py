@@ -7,6 +7,8 @@ from typing import NamedTuple, Protocol
 
 import trio
 
+from broadcast.protocol.limits import RECOVERY_LIMIT
+
 
 class Delivery(NamedTuple):
     """One payload that came back from the bus for a channel, exactly as published."""
@@ -20,7 +22,18 @@ DeliverBatch = Callable[[list[Delivery]], None]
 
 
 class BusUnavailable(Exception):
-    """The bus cannot take a publish right now (Redis down, or no answer in time)."""
+    """The bus cannot take a publish or answer a read right now (Redis down, or no answer in
+    time)."""
+
+
+class History(NamedTuple):
+    """The answer to a history read."""
+
+    messages: list[bytes]
+    """Complete message payloads (exactly ``envelope.message_payload(id, body)``), oldest first."""
+    complete: bool
+    """False when a message that belongs in the answer is, or may be, gone: trimmed by length or
+    age, cut by ``limit``, or lost with the stream itself (see ``Bus.history``)."""
 
 
 class Bus(Protocol):
@@ -58,8 +71,35 @@ class Bus(Protocol):
         """Publish a complete JSON event (join, leave) that gets no id and no history."""
         ...
 
+    async def history(
+        self,
+        channel: str,
+        *,
+        after: str | None = None,
+        last: int = 0,
+        limit: int = RECOVERY_LIMIT,
+    ) -> History:
+        """Read the channel's stored messages (what a reconnecting client missed, or a backlog).
+
+        With ``after`` (a message id): the messages with a larger id, oldest first; when there
+        are more than ``limit``, the newest ``limit`` of them, incomplete. ``complete`` is True
+        only when the bus can vouch that nothing after ``after`` is missing: RedisBus says False
+        when it cannot (the stream no longer reaches back to ``after``, or it was lost and
+        recreated); MemoryBus knows exactly. Without ``after``: the newest ``last`` messages (at
+        most ``limit``), complete unless ``limit`` cut them.
+
+        Ids compare as ``(ms, seq)`` integer pairs. A malformed ``after``, a negative ``last``
+        or a ``limit`` below 1 raises ValueError; BusUnavailable when the bus cannot answer.
+        """
+        ...
+
     async def subscribe(self, channel: str) -> None:
-        """Start receiving ``channel``; returns once payloads published after it will arrive."""
+        """Start receiving ``channel``; returns once payloads published after it will arrive.
+
+        Each message of a subscribed channel reaches ``deliver`` at most once, in id order. A bus
+        that may lose its subscription (RedisBus) refills what it missed from the history when it
+        is back, and where it cannot, delivers a gap notice (``ids.gap_payload``) in its place.
+        """
         ...
 
     async def unsubscribe(self, channel: str) -> None:

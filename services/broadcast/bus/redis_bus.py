@@ -9,8 +9,27 @@ and hands each socket read to ``deliver`` as one batch.
 Startup: ``run()`` reports started once both connections have made their first attempt. With
 Redis up, ``ready`` is then True; with Redis down it is False, publishes fail fast with
 BusUnavailable, and both connections keep retrying in the background (``wait_ready`` waits).
-Delivery is at-most-once: what is published while the subscriber reconnects is not delivered
-(it is still in the stream, with its id).
+
+History reads (``history``) are one Lua script (redis_history.py) sent through the publisher's
+queue, so they share its connection, pipelining and timeouts.
+
+Delivery of messages is exactly once and in id order across subscriber reconnects
+(continuity.py): the last delivered id of each channel is remembered; after a reconnect and
+resubscribe, what was missed is read from the history and delivered before the live payloads
+that arrived meanwhile (held, bounded), duplicates dropped by id. Where the history cannot vouch
+for everything missed, a gap notice is delivered in its place:
+
+- the stream was trimmed (length or age) past the last delivered id, or more than
+  RECOVERY_LIMIT messages were missed;
+- Redis restarted without its data (or the stream was deleted): the stream is gone or new, and
+  messages accepted just before the loss that this gateway never received cannot be told from
+  "nothing was published", so the answer is "some messages may have been lost";
+- the history could not be read within REFILL_GIVE_UP_SECONDS.
+
+A stream that merely expired (no message for ``history_max_age``, while this gateway listened
+until recently) is not a gap: nothing it missed could have been in it. Join/leave notices have
+no id and stay at-most-once. A channel subscribed while Redis was unreachable has no starting
+id until its first message, so it cannot be refilled before then.
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import ssl
 from collections.abc import Awaitable, Callable
@@ -25,7 +45,16 @@ from typing import Any
 
 import trio
 
-from broadcast.bus.base import BusUnavailable, DeliverBatch, Delivery
+from broadcast.bus.base import BusUnavailable, DeliverBatch, Delivery, History
+from broadcast.bus.continuity import Continuity, Fill
+from broadcast.bus.ids import ZERO_ID, MessageId, format_id, parse_message_id
+from broadcast.bus.redis_history import (
+    HISTORY_SCRIPT,
+    HISTORY_SCRIPT_SHA,
+    StreamRead,
+    entry_payloads,
+    history_args,
+)
 from broadcast.bus.resp import (
     RedisConnection,
     RedisError,
@@ -36,7 +65,7 @@ from broadcast.bus.resp import (
     open_connection,
     parse_url,
 )
-from broadcast.protocol.limits import HISTORY_LENGTH
+from broadcast.protocol.limits import HISTORY_LENGTH, HISTORY_MAX_AGE_SECONDS, RECOVERY_LIMIT
 
 log = logging.getLogger("broadcast.bus.redis")
 
@@ -45,10 +74,23 @@ HISTORY_PREFIX = "broadcast:history:"
 
 # XADD then PUBLISH in one script, so nothing can come between the id and its publication. The
 # concatenation must equal envelope.message_payload byte for byte. Argument layout as in
-# docs/protocol.md: KEYS[1] stream, ARGV[1] pub/sub channel, ARGV[2] cap, ARGV[3] body.
+# docs/protocol.md: KEYS[1] stream, ARGV[1] pub/sub channel, ARGV[2] cap, ARGV[3] max age in ms,
+# ARGV[4] body (last, so everything before it is a cached prefix).
+# The age trim (whole nodes only, like the length cap) and the expiry, which makes a stream
+# nobody writes to vanish once its last message is as old as the history keeps, run for the
+# first message of each millisecond (sequence 0). Its id's ms is then exactly Redis's clock (a
+# stream id is max(now, last) ms), so no TIME call is needed, and the rest of that millisecond
+# would only repeat both: a busy channel pays ~0.4 µs of Redis CPU per message for them instead
+# of ~2.4 (benchmarks/redis_roundtrip.py). A clock stepping back pauses them until it catches up.
 PUBLISH_SCRIPT = """\
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[3])
-redis.call('PUBLISH', ARGV[1], '{"type":"message","id":"' .. id .. '",' .. ARGV[3])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[4])
+if string.sub(id, -2) == '-0' then
+  local age = tonumber(ARGV[3])
+  local oldest = tonumber(string.sub(id, 1, -3)) - age
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', oldest))
+  redis.call('PEXPIRE', KEYS[1], age)
+end
+redis.call('PUBLISH', ARGV[1], '{"type":"message","id":"' .. id .. '",' .. ARGV[4])
 return id
 """
 PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
@@ -76,20 +118,38 @@ STABLE_AFTER = 5.0
 SUBSCRIBE_CHUNK = 1000
 # Encoded EVALSHA prefixes kept per channel; cleared past this so channel churn cannot grow it.
 PREFIX_CACHE_LIMIT = 4096
+# Channels whose history is read at once after a reconnect: enough to pipeline the reads of a
+# gateway's channels into a few round trips, few enough that the answers (up to RECOVERY_LIMIT
+# messages each) stay a few MB.
+REFILL_CONCURRENCY = 16
+# History reads per channel per reconnect: one normally; another when the channel's held live
+# payloads outgrew their budget and the first read did not reach them. Past that, a gap notice.
+REFILL_ROUNDS = 3
+# How long a refill waits for the history (the publisher may still be reconnecting after the same
+# outage: its backoff is at most BACKOFF_CAP, a connection attempt at most the command timeout).
+# Past it the channel gets a gap notice and goes live, rather than stalling.
+REFILL_GIVE_UP_SECONDS = 20.0
 
 _CHECK = object()
 """Queued to make the publisher PING its connection now (the subscriber saw Redis go away)."""
 
 
 class _Request:
-    """One publish handed to the publisher task, and its outcome."""
+    """One command (a publish, a history read) handed to the publisher task, and its outcome."""
 
-    __slots__ = ("abandoned", "body", "channel", "command", "done", "error", "result")
+    __slots__ = ("abandoned", "body", "channel", "command", "done", "error", "fallback", "result")
 
-    def __init__(self, command: bytes, channel: str | None = None, body: bytes = b"") -> None:
+    def __init__(
+        self,
+        command: bytes,
+        channel: str | None = None,
+        body: bytes = b"",
+        fallback: bytes | None = None,
+    ) -> None:
         self.command = command
         self.channel = channel  # set for messages: a NOSCRIPT reply re-sends them with EVAL
         self.body = body
+        self.fallback = fallback  # another script's EVAL form, sent after a NOSCRIPT reply
         self.done = trio.Event()
         self.result: Any = None
         self.error: str | None = None
@@ -136,15 +196,19 @@ class RedisBus:
         url: str,
         *,
         history_length: int = HISTORY_LENGTH,
+        history_max_age: float = HISTORY_MAX_AGE_SECONDS,
         command_timeout: float = 5.0,
         ping_interval: float = PING_INTERVAL,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if history_length < 1:
             raise ValueError("history_length must be at least 1")
+        if history_max_age <= 0:
+            raise ValueError("history_max_age must be positive")
         self._address = parse_url(url)
         self.name = self._address.redacted()
         self._history_length = history_length
+        self._max_age_ms = max(1, round(history_max_age * 1000))
         self._command_timeout = command_timeout
         self._ping_interval = ping_interval
         self._ssl_context = ssl_context
@@ -158,6 +222,7 @@ class RedisBus:
         self._subscriber_up = False
         self._state_changed = trio.Event()
         self._running = False
+        self._nursery: trio.Nursery | None = None  # run()'s, for baseline reads
 
         self._deliver: DeliverBatch | None = None
         self._subscriptions: dict[bytes, str] = {}  # Redis channel name -> our channel
@@ -165,6 +230,8 @@ class RedisBus:
         self._subscriber: RedisConnection | None = None
         self._subscriber_lock = trio.StrictFIFOLock()  # one writer at a time on that connection
         self._last_received = 0.0
+        self._heard_until: float | None = None  # the last sign of life of a lost subscription
+        self._continuity = Continuity()
 
     # -- the Bus protocol ------------------------------------------------------------------
 
@@ -189,6 +256,7 @@ class RedisBus:
         self._deliver = deliver
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 publisher_tried, subscriber_tried = trio.Event(), trio.Event()
                 nursery.start_soon(
                     self._keep_connected, "publisher", self._publisher_session, publisher_tried
@@ -202,6 +270,7 @@ class RedisBus:
         finally:
             self._running = False
             self._deliver = None
+            self._nursery = None
 
     async def publish_message(self, channel: str, body: bytes) -> str:
         prefix = self._prefixes.get(channel)
@@ -218,10 +287,50 @@ class RedisBus:
         command = encode_command(("PUBLISH", CHANNEL_PREFIX + channel, payload))
         await self._submit(_Request(command))
 
+    async def history(
+        self,
+        channel: str,
+        *,
+        after: str | None = None,
+        last: int = 0,
+        limit: int = RECOVERY_LIMIT,
+    ) -> History:
+        """See base.py; completeness is decided as redis_history.py explains (conservative:
+        a stream that cannot vouch for ``after`` answers incomplete)."""
+        after_id = None if after is None else parse_message_id(after)
+        if last < 0 or limit < 1:
+            raise ValueError("last must be at least 0 and limit at least 1")
+        if after_id is not None:
+            read = await self._read_stream(channel, after_id, limit + 1)
+            return History(read.messages(limit), read.complete(after_id, limit))
+        if last == 0:
+            await trio.lowlevel.checkpoint()
+            return History([], True)
+        wanted = min(last, limit + 1)  # one more tells whether the limit cut anything
+        command = encode_command(("XREVRANGE", HISTORY_PREFIX + channel, "+", "-", "COUNT", wanted))
+        entries: list[Any] = await self._submit(_Request(command))
+        return History(entry_payloads(entries[:limit][::-1]), len(entries) <= limit)
+
     async def subscribe(self, channel: str) -> None:
         """Returns once Redis confirmed, or at once while disconnected: the channel is then
-        subscribed by the next connection, before ``ready`` turns True again."""
+        subscribed by the next connection, before ``ready`` turns True again.
+
+        The stream's newest id is read meanwhile, in the background, as a baseline: a reconnect
+        refills the channel from it even if no message was delivered yet (unknown while Redis
+        is unreachable). Not awaited here, because the gateway adds its member once this
+        returns: what arrives between the confirmation and that would reach nobody."""
         key = (CHANNEL_PREFIX + channel).encode()
+        if key not in self._subscriptions and self._nursery is not None:
+            self._nursery.start_soon(self._track_baseline, key, channel)
+        await self._subscribe(key, channel)
+
+    async def _track_baseline(self, key: bytes, channel: str) -> None:
+        baseline = await self._stream_tip(channel)
+        if self._subscriptions.get(key) == channel:  # not unsubscribed meanwhile
+            # Ignored if a message was delivered already: its id is the better starting point.
+            self._continuity.track(channel, baseline)
+
+    async def _subscribe(self, key: bytes, channel: str) -> None:
         async with self._subscriber_lock:
             self._subscriptions[key] = channel
             connection = self._subscriber
@@ -243,6 +352,7 @@ class RedisBus:
         without waiting for its reply."""
         key = (CHANNEL_PREFIX + channel).encode()
         async with self._subscriber_lock:
+            self._continuity.forget(channel)
             if self._subscriptions.pop(key, None) is None or self._subscriber is None:
                 return
             # A lost connection needs nothing: its successor will not subscribe the channel.
@@ -263,6 +373,47 @@ class RedisBus:
         await trio.lowlevel.checkpoint()
         while self.ready != ready:
             await self._state_changed.wait()
+
+    def last_delivered(self, channel: str) -> str | None:
+        """Where a reconnect would refill ``channel`` from: the last id delivered, or the
+        stream's newest id when it was subscribed; None while unknown."""
+        message_id = self._continuity.last(channel)
+        return None if message_id is None else format_id(message_id)
+
+    @property
+    def gaps(self) -> int:
+        """Gap notices delivered (history that could not be recovered after a reconnect)."""
+        return self._continuity.gaps
+
+    @property
+    def refilled(self) -> int:
+        """Messages delivered from the history after reconnects, instead of being lost."""
+        return self._continuity.refilled
+
+    @property
+    def duplicates(self) -> int:
+        """Messages dropped because they were already delivered (live and refilled)."""
+        return self._continuity.duplicates
+
+    # -- history ---------------------------------------------------------------------------
+
+    async def _read_stream(self, channel: str, after: MessageId, count: int) -> StreamRead:
+        """The newest ``count`` entries after ``after`` and the stream's account of itself."""
+        fixed = (1, HISTORY_PREFIX + channel, *history_args(after, count))
+        command = encode_command(("EVALSHA", HISTORY_SCRIPT_SHA, *fixed))
+        fallback = encode_command(("EVAL", HISTORY_SCRIPT, *fixed))
+        reply = await self._submit(_Request(command, fallback=fallback))
+        return StreamRead.decode(reply)
+
+    async def _stream_tip(self, channel: str) -> MessageId | None:
+        """The stream's newest id (``0-0`` when it does not exist); None when unreachable."""
+        if not self._publisher_up:
+            return None
+        try:
+            read = await self._read_stream(channel, ZERO_ID, 0)
+        except BusUnavailable:
+            return None
+        return read.last_generated if read.exists else ZERO_ID
 
     # -- connections -----------------------------------------------------------------------
 
@@ -336,8 +487,9 @@ class RedisBus:
             HISTORY_PREFIX + channel,
             CHANNEL_PREFIX + channel,
             self._history_length,
+            self._max_age_ms,
         )
-        return b"*7\r\n" + encode_bulk_strings(fixed)
+        return b"*8\r\n" + encode_bulk_strings(fixed)
 
     async def _submit(self, request: _Request) -> Any:
         """Queue ``request`` for the publisher and wait for its reply, never past the timeout."""
@@ -364,9 +516,15 @@ class RedisBus:
     async def _publisher_session(self, connected: Callable[[str], None]) -> None:
         connection = await self._open("broadcast-publisher")
         try:
-            sha = await connection.execute("SCRIPT", "LOAD", PUBLISH_SCRIPT)
-            if sha.decode() != PUBLISH_SCRIPT_SHA:
-                raise RedisError(f"SCRIPT LOAD returned {sha!r}, expected {PUBLISH_SCRIPT_SHA}")
+            scripts = {PUBLISH_SCRIPT_SHA: PUBLISH_SCRIPT, HISTORY_SCRIPT_SHA: HISTORY_SCRIPT}
+            replies = await connection.pipeline(
+                [("SCRIPT", "LOAD", script) for script in scripts.values()]
+            )
+            for expected, sha in zip(scripts, replies, strict=True):
+                if isinstance(sha, RedisReplyError):
+                    raise sha
+                if sha.decode() != expected:
+                    raise RedisError(f"SCRIPT LOAD returned {sha!r}, expected {expected}")
             self._set_state(publisher=True)
             connected("")
             await self._serve_publishes(connection)
@@ -409,27 +567,35 @@ class RedisBus:
         unknown_script: list[_Request] = []
         for request, reply in zip(live, replies, strict=True):
             if isinstance(reply, RedisReplyError):
-                if reply.code == "NOSCRIPT" and request.channel is not None:
+                if reply.code == "NOSCRIPT" and (
+                    request.channel is not None or request.fallback is not None
+                ):
                     unknown_script.append(request)
                 else:
-                    log.warning("redis refused a publish: %s", reply)
-                    request.fail(f"redis refused the message ({reply.code})")
+                    self._refused(request, reply)
             else:
                 request.succeed(reply)
         if unknown_script:  # the script cache was flushed: EVAL also caches it again
-            log.info("redis lost the publish script; sending it again")
+            log.info("redis lost its scripts; sending them again")
             data = b"".join(
-                self._script_prefix("EVAL", PUBLISH_SCRIPT, request.channel or "")
+                request.fallback
+                if request.fallback is not None
+                else self._script_prefix("EVAL", PUBLISH_SCRIPT, request.channel or "")
                 + b"$%d\r\n%s\r\n" % (len(request.body), request.body)
                 for request in unknown_script
             )
             replies = await connection.roundtrip(data, len(unknown_script))
             for request, reply in zip(unknown_script, replies, strict=True):
                 if isinstance(reply, RedisReplyError):
-                    log.warning("redis refused a publish: %s", reply)
-                    request.fail(f"redis refused the message ({reply.code})")
+                    self._refused(request, reply)
                 else:
                     request.succeed(reply)
+
+    @staticmethod
+    def _refused(request: _Request, reply: RedisReplyError) -> None:
+        what = "message" if request.channel is not None else "command"
+        log.warning("redis refused a %s: %s", what, reply)
+        request.fail(f"redis refused the {what} ({reply.code})")
 
     def _fail_queued(self, reason: str) -> None:
         while True:
@@ -460,7 +626,10 @@ class RedisBus:
             if tasks.reason is not None:
                 raise RedisError(tasks.reason)
         finally:
+            self._continuity.abandon()
             was_up = self._subscriber_up
+            if was_up:
+                self._heard_until = self._last_received
             self._subscriber = None
             self._set_state(subscriber=False)
             for event in self._confirmations.values():
@@ -476,25 +645,92 @@ class RedisBus:
     async def _resubscribe(
         self, connection: RedisConnection, connected: Callable[[str], None]
     ) -> None:
+        """Subscribe every channel, then refill what was missed, before turning ready."""
         async with self._subscriber_lock:
             self._subscriber = connection
             keys = list(self._subscriptions)
+            # From here on, live payloads of channels with a known last id are held.
+            fills = self._continuity.begin(self._subscriptions[key] for key in keys)
             confirmations = [self._confirmation(key) for key in keys]
             for start in range(0, len(keys), SUBSCRIBE_CHUNK):
                 command = encode_command(("SUBSCRIBE", *keys[start : start + SUBSCRIBE_CHUNK]))
                 await connection.send(command)
+        confirmed_all = False
         with trio.move_on_after(self._command_timeout):
             for confirmed in confirmations:
                 await confirmed.wait()
-            self._set_state(subscriber=True)
-            connected(f", resubscribed {len(keys)} channels")
-            return
-        raise RedisTimeout(f"redis did not confirm {len(keys)} subscriptions in time")
+            confirmed_all = True
+        if not confirmed_all:
+            raise RedisTimeout(f"redis did not confirm {len(keys)} subscriptions in time")
+        # Subscribed: whatever the history reads miss from now on arrives live (and is held).
+        gaps, refilled = self._continuity.gaps, self._continuity.refilled
+        outage = math.inf
+        if self._heard_until is not None:
+            outage = trio.current_time() - self._heard_until
+        if fills:
+            limiter = trio.Semaphore(REFILL_CONCURRENCY)
+            async with trio.open_nursery() as nursery:
+                for fill in fills:
+                    nursery.start_soon(self._refill, fill, limiter, outage)
+        self._set_state(subscriber=True)
+        detail = f", resubscribed {len(keys)} channels"
+        if fills:
+            refilled = self._continuity.refilled - refilled
+            detail += f", refilled {refilled} missed messages"
+            if self._continuity.gaps > gaps:
+                detail += f", {self._continuity.gaps - gaps} channels with a gap"
+        connected(detail)
+
+    async def _refill(self, fill: Fill, limiter: trio.Semaphore, outage: float) -> None:
+        """Deliver what one channel missed (continuity.py); ``outage``: seconds since the
+        previous connection last heard from Redis."""
+        assert self._deliver is not None
+        async with limiter:
+            for round_number in range(1, REFILL_ROUNDS + 1):
+                read = await self._read_missed(fill.channel, fill.after)
+                if read is None:
+                    messages, gap = [], True
+                else:
+                    messages = read.messages(RECOVERY_LIMIT)
+                    gap = not read.complete(fill.after, RECOVERY_LIMIT) and not (
+                        outage * 1000 < self._max_age_ms
+                        and not read.cut(RECOVERY_LIMIT)
+                        and read.lost_only_to_expiry(fill.after, self._max_age_ms)
+                    )
+                batch, done = self._continuity.finish(
+                    fill, messages, gap=gap, final=round_number == REFILL_ROUNDS
+                )
+                if gap:
+                    log.warning(
+                        "channel %s: messages missed while reconnecting may be lost", fill.channel
+                    )
+                if batch:
+                    self._deliver(batch)
+                if done:
+                    return
+
+    async def _read_missed(self, channel: str, after: MessageId) -> StreamRead | None:
+        """Read the history after ``after``, waiting for the publisher (it may be reconnecting
+        after the same outage) and retrying; None after REFILL_GIVE_UP_SECONDS."""
+        delay = BACKOFF_START
+        with trio.move_on_after(REFILL_GIVE_UP_SECONDS):
+            while True:
+                while not self._publisher_up:
+                    await self._state_changed.wait()
+                try:
+                    return await self._read_stream(channel, after, RECOVERY_LIMIT + 1)
+                except BusUnavailable as exc:
+                    log.info("channel %s: cannot read its history yet (%s)", channel, exc)
+                await trio.sleep(delay)
+                delay = min(BACKOFF_CAP, delay * 2)
+        log.warning("channel %s: history unreadable for %.0f s", channel, REFILL_GIVE_UP_SECONDS)
+        return None
 
     async def _read_subscription(self, connection: RedisConnection) -> None:
         """Each socket read becomes at most one ``deliver`` call, in Redis's order."""
         subscriptions = self._subscriptions
         confirmations = self._confirmations
+        admit = self._continuity.admit
         deliver = self._deliver
         assert deliver is not None
         while True:
@@ -509,7 +745,9 @@ class RedisBus:
                 kind = reply[0]
                 if kind == b"message":
                     channel = subscriptions.get(reply[1])
-                    if channel is not None:  # else unsubscribed meanwhile: drop it
+                    # Else unsubscribed meanwhile: drop it. admit() drops duplicates and holds
+                    # the payloads of channels being refilled.
+                    if channel is not None and admit(channel, reply[2]):
                         batch.append(Delivery(channel, reply[2]))
                 elif kind == b"subscribe":
                     confirmed = confirmations.pop(reply[1], None)

@@ -19,7 +19,12 @@ from broadcast.bus.redis_bus import RedisBus
 from broadcast.gateway.access import MESSAGE_BURST, MESSAGE_RATE_PER_SECOND, AccessPolicy
 from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS, Gateway, PresenceFactory
 from broadcast.presence import MemoryPresence, RedisPresence
-from broadcast.protocol.limits import DEFAULT_PORT, MAX_CONNECTIONS
+from broadcast.protocol.limits import (
+    DEFAULT_PORT,
+    HISTORY_LENGTH,
+    HISTORY_MAX_AGE_SECONDS,
+    MAX_CONNECTIONS,
+)
 from broadcast.security import (
     AddressLimit,
     OriginPolicy,
@@ -63,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(start, "--port", DEFAULT_PORT, "port for WebSocket, line and HTTP; 0: any", int)
     _option(start, "--redis-url", None, "redis:// or rediss:// URL; none: in-process, one gateway")
     _option(start, "--node-id", f"{socket.gethostname()}-{os.getpid()}", "this gateway's name")
+    _option(start, "--history-length", HISTORY_LENGTH, "messages kept per channel", int)
+    _option(start, "--history-age", HISTORY_MAX_AGE_SECONDS, "seconds a message is kept", float)
     _option(start, "--drain-timeout", DRAIN_TIMEOUT_SECONDS, "seconds to drain on SIGTERM", float)
     _option(start, "--max-connections", MAX_CONNECTIONS, "clients at once (then server_full)", int)
     _option(start, "--auth-secret", None, "HS256 secret: clients must present a token")
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warn_if_open(args.host, access)
     gateway = Gateway(
-        make_bus(args.redis_url),
+        make_bus(args.redis_url, args.history_length, args.history_age),
         node_id=args.node_id,
         host=args.host,
         port=args.port,
@@ -160,8 +167,9 @@ def warn_if_open(host: str, access: AccessPolicy) -> None:
         )
 
 
-def make_bus(redis_url: str | None) -> Bus:
-    return RedisBus(redis_url) if redis_url else MemoryBus()
+def make_bus(redis_url: str | None, history_length: int, history_age: float) -> Bus:
+    history = {"history_length": history_length, "history_max_age": history_age}
+    return RedisBus(redis_url, **history) if redis_url else MemoryBus(**history)
 
 
 def make_presence(redis_url: str | None) -> PresenceFactory:

@@ -50,13 +50,25 @@ class ChannelHub:
         return sum(len(members) for members in self._members.values())
 
     async def add(self, member: Member) -> None:
-        """Join ``member.channel``; returns once messages published afterwards will reach it."""
+        """Join ``member.channel``; returns once messages published afterwards will reach it.
+
+        The member is in the set before the subscription is confirmed: Redis may send the first
+        messages in the same read as the confirmation, and they must find it there.
+        """
         async with self._subscription_lock:
             members = self._members.get(member.channel)
+            first = members is None
             if members is None:
-                await self._bus.subscribe(member.channel)
                 members = self._members[member.channel] = set()
             members.add(member)
+            if first:
+                try:
+                    await self._bus.subscribe(member.channel)
+                except BaseException:
+                    members.discard(member)
+                    if not members:
+                        del self._members[member.channel]
+                    raise
 
     async def remove(self, member: Member) -> None:
         async with self._subscription_lock:

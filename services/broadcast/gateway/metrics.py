@@ -82,6 +82,14 @@ class _GatewayCollector(Collector):
             "broadcast_bus_reconnects", "Times the bus connection was re-established.",
             getattr(gateway.bus, "reconnects", 0),
         )  # fmt: skip
+        yield _counter(
+            "broadcast_bus_refilled", "Messages fetched from history after a subscriber reconnect.",
+            getattr(gateway.bus, "refilled", 0),
+        )  # fmt: skip
+        yield _counter(
+            "broadcast_bus_gaps", "Gap notices sent: messages that could not be refilled.",
+            getattr(gateway.bus, "gaps", 0),
+        )  # fmt: skip
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

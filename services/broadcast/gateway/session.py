@@ -91,8 +91,7 @@ class ClientSession:
                 nursery.start_soon(self.keep_alive)
                 if self.identity is not None:
                     nursery.start_soon(self._end_when_token_expires, self.identity)
-                self.greet()
-                await self.join(self.recovery)
+                await self.join(self.recovery, greeting=True)
                 await self.read_until_done()
                 self.outbox.close(self.goodbye())
                 nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT_SECONDS
@@ -151,15 +150,17 @@ class ClientSession:
         """The gateway is draining: tell the client to go elsewhere, then end the session."""
         self.outbox.close(self.drain_notice(reason))
 
-    async def join(self, recovery: Recovery | None = None) -> None:
-        if recovery is not None:
-            self.held = []
+    async def join(self, recovery: Recovery | None = None, *, greeting: bool = False) -> None:
+        """Subscribe, then greet, then replay, then go live: the client sees them in that order,
+        and everything published after its greeting reaches it."""
+        self.held = []
         await self.gateway.hub.add(self)
         self._joined = True
         if self.announce:
             await self.gateway.presence.enter(self.channel, self.origin, self.name)
-        if recovery is not None:
-            await self._recover(recovery)
+        if greeting:
+            self.greet()
+        await self._release_held(recovery)
         await self._announce("join")
         await self.joined()
 
@@ -172,19 +173,20 @@ class ClientSession:
             self.held.clear()
             self.outbox.overflow()
 
-    async def _recover(self, recovery: Recovery) -> None:
-        """Replay history, then release what arrived live meanwhile, minus what was replayed.
-
-        The caller starts holding (``self.held = []``) before the client can receive live traffic.
-        """
+    async def _release_held(self, recovery: Recovery | None) -> None:
+        """Replay history if asked, then release what arrived live meanwhile, minus what was
+        replayed. The caller started holding (``self.held = []``) before the subscription."""
         assert self.held is not None
-        try:
-            history = await self.gateway.bus.history(
-                self.channel, after=recovery.since, last=recovery.last
-            )
-            messages, complete = history.messages, history.complete
-        except BusUnavailable:
-            messages, complete = [], False
+        messages: list[bytes] = []
+        complete = True
+        if recovery is not None:
+            try:
+                history = await self.gateway.bus.history(
+                    self.channel, after=recovery.since, last=recovery.last
+                )
+                messages, complete = history.messages, history.complete
+            except BusUnavailable:
+                complete = False
         held, self.held, self._held_bytes = self.held, None, 0
         newest = (-1, -1)
         for payload in messages:
@@ -194,7 +196,8 @@ class ClientSession:
             if message_id is None or parse_id(message_id) > newest:
                 self.outbox.push(data)
         self.outbox.flush()
-        self.recovered(len(messages), complete)
+        if recovery is not None:
+            self.recovered(len(messages), complete)
 
     async def leave(self) -> None:
         if not self._joined:
@@ -218,7 +221,7 @@ class ClientSession:
             return
         if recovery is not None:
             self.held = []
-            await self._recover(recovery)
+            await self._release_held(recovery)
         if new_name != self.name:
             # Same channel: stay a member throughout, so no message is missed while renaming.
             await self._announce("leave")

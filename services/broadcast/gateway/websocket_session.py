@@ -81,22 +81,30 @@ class WebSocketSession(ClientSession):
         return cls(gateway, stream, number, connection, request.target)
 
     def _apply_query(self, resource: str) -> None:
-        """``ws://host:port/?name=alice&channel=general`` names the client before it joins."""
-        query = parse_qs(urlsplit(resource).query)
+        """``ws://host:port/?name=alice&channel=general`` names the client before it joins.
+
+        Each value is checked on its own: a bad one is reported and left at its default.
+        """
+        query = {key: values[-1] for key, values in parse_qs(urlsplit(resource).query).items()}
+        self.echo = query.get("echo", "0") in ("1", "true")
+        self.announce = query.get("announce", "1") not in ("0", "false")
         try:
             if "name" in query:
-                self.name = check_name(query["name"][-1])
-            if "channel" in query:
-                self.channel = check_channel(query["channel"][-1])
-                self.channel_asked = True
-            history = query.get("history", ["0"])[-1]
-            self.recovery = commands.parse_recovery(
-                query.get("since", [None])[-1], int(history) if history.isdigit() else -1
-            )
+                self.name = check_name(query["name"])
         except ProtocolError as error:
             self._query_errors.append(error)
-        self.echo = query.get("echo", ["0"])[-1] in ("1", "true")
-        self.announce = query.get("announce", ["1"])[-1] not in ("0", "false")
+        try:
+            if "channel" in query:
+                self.channel = check_channel(query["channel"])
+                self.channel_asked = True
+        except ProtocolError as error:
+            self._query_errors.append(error)
+        try:
+            history = query.get("history", "0")
+            count = int(history) if history.isdigit() else -1
+            self.recovery = commands.parse_recovery(query.get("since"), count)
+        except ProtocolError as error:
+            self._query_errors.append(error)
 
     def send_event(self, event: dict[str, object]) -> None:
         self.send(encode_text_frame(encode(event).encode()))

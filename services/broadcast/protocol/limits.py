@@ -20,6 +20,17 @@ OUTBOX_LIMIT_BYTES: Final = 1 << 20
 # Capped history per channel in Redis (XADD MAXLEN ~).
 HISTORY_LENGTH: Final = 1000
 
+# History also ages out (XTRIM MINID ~), and a channel's stream expires this long after its last
+# message: an hour covers a laptop closed over lunch or a train tunnel, while an abandoned
+# channel costs Redis nothing after it. A client away longer is told that messages were lost.
+HISTORY_MAX_AGE_SECONDS: Final = 3600
+
+# At most this many messages answer one history read (a client's recovery, a gateway refilling a
+# channel after a Redis reconnect): the whole history at the default length, and a bounded reply
+# (~200 KB of typical messages) however the history is configured. Past it, the newest are sent
+# and the answer is marked incomplete.
+RECOVERY_LIMIT: Final = 1000
+
 # Connections one gateway serves at once; past it new clients are refused with server_full.
 # A connection costs ~20 KiB here; keep this under the process's file limit (ulimit -n).
 MAX_CONNECTIONS: Final = 10000

@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -17,15 +18,17 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 CLI = (sys.executable, "-m", "broadcast.client")
 
 
-def cli_env() -> dict[str, str]:
-    """The test's environment without BROADCAST_* settings, for a terminal pyte understands."""
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The test's environment without BROADCAST_* settings, for a terminal pyte understands;
+    ``extra`` (BROADCAST_TOKEN, …) on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
     env.update(TERM="xterm", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+    env.update(extra or {})
     return env
 
 
 async def run_cli(
-    *args: str, stdin: bytes = b"", seconds: float = 30
+    *args: str, stdin: bytes = b"", seconds: float = 30, env: Mapping[str, str] | None = None
 ) -> trio.CompletedProcess[bytes]:
     """Run one ``broadcast-cli`` command to completion, capturing stdout and stderr."""
     with trio.fail_after(seconds):
@@ -35,7 +38,7 @@ async def run_cli(
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env=cli_env(),
+            env=cli_env(env),
         )
 
 
@@ -66,14 +69,52 @@ class LineReader:
             return line
 
 
+@dataclass
+class Running:
+    """A ``broadcast-cli`` subprocess with its output read line by line."""
+
+    process: trio.Process
+    out: LineReader
+    err: LineReader
+
+    async def exit_code(self, seconds: float = 15) -> int:
+        with trio.fail_after(seconds):
+            return await self.process.wait()
+
+
 @asynccontextmanager
-async def listening(url: str, *args: str) -> AsyncIterator[tuple[LineReader, LineReader]]:
+async def running(*args: str, env: Mapping[str, str] | None = None) -> AsyncIterator[Running]:
+    """A ``broadcast-cli`` subprocess whose stdin stays open (``connect`` keeps chatting);
+    killed on the way out if it is still running."""
+    process = await trio.lowlevel.open_process(
+        [*CLI, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(env),
+    )
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+    try:
+        yield Running(process, LineReader(process.stdout), LineReader(process.stderr))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            await stream.aclose()
+
+
+@asynccontextmanager
+async def listening(
+    url: str, *args: str, env: Mapping[str, str] | None = None
+) -> AsyncIterator[tuple[LineReader, LineReader]]:
     """A ``listen`` subprocess, welcomed; stopped with SIGTERM afterwards, which must exit 0."""
     process = await trio.lowlevel.open_process(
         [*CLI, "listen", "--url", url, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=cli_env(),
+        env=cli_env(env),
     )
     assert process.stdout is not None and process.stderr is not None
     out, err = LineReader(process.stdout), LineReader(process.stderr)

@@ -41,6 +41,7 @@ class FakeClient:
     name: str
     channel: str = DEFAULT_CHANNEL
     query: dict[str, str] = field(default_factory=dict)  # the handshake query, last value each
+    headers: dict[str, str] = field(default_factory=dict)  # the handshake's headers, lower-case
     echo: bool = False
     announce: bool = True
     joined: bool = False  # in the channel: replay done, live messages reach it
@@ -160,7 +161,8 @@ class FakeGateway:
         ws = await request.accept()
         number = next(self._numbers)
         query = {k: v[-1] for k, v in parse_qs(urlsplit(request.path).query).items()}
-        client = FakeClient(number, ws, name=f"guest-{number}", query=query)
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        client = FakeClient(number, ws, name=f"guest-{number}", query=query, headers=headers)
         self.clients.append(client)
         self._notify()
         try:

@@ -65,6 +65,13 @@ class GatewayProcess:
         for line in self.process.stderr:
             self.log.append(line.decode(errors="replace"))
 
+    def finished_log(self, timeout: float = 20) -> str:
+        """Everything the gateway logged, once it has exited (stop it first) and the log was
+        read to its end: for checks that something never appears in it."""
+        self.process.wait(timeout=timeout)
+        self._drain.join(timeout)
+        return "".join(self.log)
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 

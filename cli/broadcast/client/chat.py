@@ -6,6 +6,11 @@ typed lines, which is ``run_chat`` itself. Leaving always takes the same path: t
 (``exit``, ``/quit``, Ctrl+C or Ctrl+D at the prompt, end of a pipe, or a signal cancelling the
 reading), lines already typed are sent and their acks awaited for a moment, the Link closes the
 WebSocket with 1000, and only then is the nursery cancelled.
+
+A refused token or an untrusted certificate ends the chat too, through the same path: ``run_chat``
+raises ``Fatal`` once the nursery is done, so the command can print it on stderr after the
+prompt has given the terminal back. A token that expires while chatting (close 4001) is said in
+the chat, like any other event, before leaving.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from broadcast.client.connection import (
     ChatConnection,
     ChatError,
     ConnectionLost,
+    Denied,
     Frame,
     Refused,
     Target,
 )
+from broadcast.client.failures import REFUSED, Fatal, fatal
 from broadcast.client.link import Link, server_restarting
 from broadcast.client.render import (
     connected_line,
@@ -36,6 +43,7 @@ from broadcast.client.render import (
 from broadcast.client.sanitize import sanitize
 from broadcast.client.signals import wait_for_leave_signal
 from broadcast.client.terminal import Terminal
+from broadcast.client.transport import ServerNotTrusted
 
 # Typed lines waiting for the sender. A person never fills it; a pipe simply waits.
 LINE_QUEUE_SIZE = 16
@@ -91,11 +99,7 @@ class ChatRoom:
             self._show(line)
 
     def disconnected(self, error: ChatError, retry_in: float) -> None:
-        self._chat = None
-        for text in self._unconfirmed.values():
-            self._show(f"! connection lost before an answer; maybe not sent: {sanitize(text)}")
-        self._unconfirmed.clear()
-        self._settled.set()
+        self.ended()
         self._show(
             disconnected_line(
                 self._target.url,
@@ -105,6 +109,14 @@ class ChatRoom:
                 restarting=server_restarting(error),
             )
         )
+
+    def ended(self) -> None:
+        """The connection is gone: lines still waiting for an answer may not have been sent."""
+        self._chat = None
+        for text in self._unconfirmed.values():
+            self._show(f"! connection lost before an answer; maybe not sent: {sanitize(text)}")
+        self._unconfirmed.clear()
+        self._settled.set()
 
     # --- the person's side ---------------------------------------------------------------
 
@@ -135,9 +147,9 @@ class ChatRoom:
             self._settled = trio.Event()
         try:
             await chat.publish(line, ref)
-        except ConnectionLost as exc:
+        except (ConnectionLost, Denied) as exc:  # the network task tells why, and what next
             if self._confirm(ref) is not None:
-                self._show(f"! not sent ({sanitize(exc.reason)}): {sanitize(line)}")
+                self._show(f"! not sent ({sanitize(str(exc))}): {sanitize(line)}")
 
     async def wait_settled(self) -> None:
         """Until every line sent has been acked or refused (or the connection dropped)."""
@@ -152,21 +164,34 @@ class ChatRoom:
 
 
 async def run_chat(target: Target, terminal: Terminal) -> int:
-    """Chat until the person leaves; 0, or 1 when the server refused our name or channel."""
+    """Chat until the person leaves; 0, or 1 when the server refused our name or channel or
+    our token expired. Raises ``Fatal`` for a refused token or an untrusted certificate."""
     room = ChatRoom(target, terminal)
     link = Link(target, room)
     typing = trio.CancelScope()  # reading typed lines; cancelled by a signal or a refusal
     exit_code = 0
+    ending: Fatal | None = None
     terminal.show(notice_line(f"connecting to {target.url} ({HELP})"))
 
     async def network() -> None:
-        nonlocal exit_code
+        nonlocal exit_code, ending
         try:
             await link.run()
         except Refused as exc:
             terminal.show(error_line(exc.event))
-            exit_code = 1
-            typing.cancel()
+            exit_code = REFUSED
+        except Denied as exc:
+            if exc.live:
+                terminal.show(f"! {sanitize(exc.text)}")
+                exit_code = REFUSED
+            else:
+                ending = fatal(exc)
+        except ServerNotTrusted as exc:
+            ending = fatal(exc)
+        else:
+            return
+        room.ended()
+        typing.cancel()
 
     async def stop_typing_on_signal(*, task_status: trio.TaskStatus[None]) -> None:
         await wait_for_leave_signal(task_status=task_status)
@@ -192,4 +217,6 @@ async def run_chat(target: Target, terminal: Terminal) -> int:
             terminal.show(f"! leaving after {DRAIN_SECONDS:g} s without an answer for every line")
         await link.leave()
         nursery.cancel_scope.cancel()
+    if ending is not None:
+        raise ending
     return exit_code

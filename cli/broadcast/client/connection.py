@@ -7,15 +7,22 @@ not ``guest-7 joined``, ``guest-7 left``, ``alice joined``; and a replay asked f
 before any live message. Network failures become ``Unreachable`` (before the welcome) or
 ``ConnectionLost`` (after it), each with a short reason a person can read; nothing else is
 caught here, so a bug in the caller is never mistaken for a network problem.
+
+A token goes in the ``Authorization: Bearer`` header, never in the URL (URLs are shown and
+logged). A gateway that turns the token away (HTTP 401/403, or close 4001 when it expires on a
+live connection) raises ``Denied``, and a certificate that does not verify ``ServerNotTrusted``:
+neither is a network failure, so the Link does not retry them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -27,17 +34,15 @@ from trio_websocket import (
     ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
 )
 
 from broadcast.client.recovery import Replay
+from broadcast.client.transport import close_politely, open_websocket
 from broadcast.protocol.errors import CloseCode
 from broadcast.protocol.limits import MAX_FRAME_BYTES
 
 # Connecting plus waiting for the welcome; a gateway on a busy machine answers in milliseconds.
 CONNECT_TIMEOUT = 10.0
-# Closing politely (our close frame, the server's answer) must not hold up leaving.
-CLOSE_TIMEOUT = 2.0
 # After this long without a frame we send a protocol ping; after as long again, the connection
 # is dead (a sleeping laptop or a vanished NAT entry never sends a FIN).
 IDLE_SECONDS = 15.0
@@ -58,6 +63,16 @@ class Target:
     """False for one-shot tools (send, listen): join and leave without notices to others."""
     history: int = 0
     """How many earlier messages the first connection asks for (0 to 1000)."""
+    token: str | None = field(default=None, repr=False)
+    """A signed token for the ``Authorization`` header; kept out of reprs and tracebacks."""
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    """How to verify a ``wss://`` server (``--ca-file``); None: the system's CAs."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The extra headers of the WebSocket upgrade request."""
+        if self.token is None:
+            return []
+        return [(b"Authorization", b"Bearer " + self.token.encode("ascii"))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +113,62 @@ class Refused(Exception):
     def __init__(self, event: Mapping[str, Any]) -> None:
         super().__init__(f"{event.get('code')}: {event.get('message')}")
         self.event = event
+
+
+class Denied(Exception):
+    """The gateway turned our token away; the same token would be refused again.
+
+    At the handshake (``live`` False) that is HTTP 401 (``auth_required``, ``token_expired``,
+    ``token_invalid``) or 403 (``tls_required``, ``forbidden_origin``) with a body
+    ``<code>: <message>``. On a welcomed connection (``live``) it is close 4001: the token
+    expired. ``code`` and ``message`` come from the server: sanitize before printing.
+    """
+
+    def __init__(self, code: str, message: str, *, live: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.live = live
+
+    @property
+    def text(self) -> str:
+        """What to tell the person: ``refused: token_expired: …``, or the expiry in use."""
+        if not self.live:
+            return f"refused: {self.code}: {self.message}"
+        if self.code == "token_expired":
+            return "your token expired; get a new one"
+        return f"the server ended the session: {self.code}: {self.message}"
+
+
+# The body of a gateway's refusal, ``token_expired: the token has expired; get a new one``.
+_REFUSAL = re.compile(r"([a-z][a-z0-9_]{0,63}): (.+)")
+_REFUSAL_TEXT_LIMIT = 300  # a proxy may send a whole HTML page; a line is enough
+
+
+def _refusal_line(exc: ConnectionRejected) -> str:
+    """The first line of an HTTP refusal's body, bounded: ``<code>: <message>`` from a gateway."""
+    body = (exc.body or b"").decode("utf-8", "replace").strip()
+    return body.splitlines()[0][:_REFUSAL_TEXT_LIMIT] if body else ""
+
+
+def _denied_at_handshake(exc: ConnectionRejected) -> Denied:
+    first = _refusal_line(exc)
+    if match := _REFUSAL.fullmatch(first):
+        return Denied(match[1], match[2])
+    fallback = "unauthorized" if exc.status_code == 401 else "forbidden"
+    return Denied(f"HTTP {exc.status_code}", first or fallback)
+
+
+def _denied_by_close(exc: ConnectionClosed) -> Denied:
+    """Close 4001 (its reason ``token_expired: your token expired``) on a live connection."""
+    reason = exc.reason.reason if exc.reason is not None else None
+    if reason and (match := _REFUSAL.fullmatch(reason)):
+        return Denied(match[1], match[2], live=True)
+    return Denied("token_expired", reason or "unauthorized", live=True)
+
+
+def _is_unauthorized(exc: ConnectionClosed) -> bool:
+    return _close_code(exc) == CloseCode.UNAUTHORIZED
 
 
 def parse_frame(message: str | bytes) -> Frame | None:
@@ -186,7 +257,10 @@ class ChatConnection:
             raise _lost(exc) from None
 
 
-def _lost(exc: ConnectionClosed) -> ConnectionLost:
+def _lost(exc: ConnectionClosed) -> ConnectionLost | Denied:
+    """Why a welcomed connection ended: a network matter, or our token's end (4001)."""
+    if _is_unauthorized(exc):
+        return _denied_by_close(exc)
     return ConnectionLost(describe_close(exc.reason), _close_code(exc))
 
 
@@ -226,17 +300,24 @@ async def open_chat(
     Connecting and waiting for the welcome may each take ``handshake_seconds``. ``since`` (a
     message id) asks for every message after it, ``history`` for the last N messages; either
     way the gateway replays them right after the welcome and ends with ``recovered``.
+    Raises ``Denied`` when the gateway refuses our token (or TLS-less connection), and
+    ``ServerNotTrusted`` when its certificate does not verify.
     """
     async with AsyncExitStack() as stack:
         try:
             ws = await stack.enter_async_context(
-                open_websocket_url(
+                open_websocket(
                     handshake_url(target, since=since, history=history),
+                    ssl_context=target.ssl_context,
+                    headers=target.headers(),
                     connect_timeout=handshake_seconds,
-                    disconnect_timeout=CLOSE_TIMEOUT,
                     max_message_size=MAX_INCOMING_BYTES,
                 )
             )
+        except ConnectionRejected as exc:
+            if exc.status_code in (401, 403):
+                raise _denied_at_handshake(exc) from None
+            raise Unreachable(describe(exc)) from None
         except (HandshakeError, OSError) as exc:
             raise Unreachable(describe(exc)) from None
         stack.push_async_callback(close_politely, ws)
@@ -244,21 +325,13 @@ async def open_chat(
             with trio.fail_after(handshake_seconds):
                 welcome = await _welcome(ws, target)
         except ConnectionClosed as exc:
+            if _is_unauthorized(exc):
+                raise _denied_by_close(exc) from None
             raise Unreachable(describe(exc), _close_code(exc)) from None
         except trio.TooSlowError:
             raise Unreachable(f"no welcome within {handshake_seconds:g} s") from None
         asked = since is not None or history > 0
         yield ChatConnection(ws, welcome, Replay(since, history) if asked else None)
-
-
-async def close_politely(ws: WebSocketConnection) -> None:
-    """Close with 1000 (normal) and wait briefly for the server's answer, even if cancelled.
-
-    Under cancellation trio-websocket's reader task is cancelled too, so the answer cannot be
-    heard and this waits CLOSE_TIMEOUT: ``ChatConnection.close`` is the way to leave quickly.
-    """
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-        await ws.aclose(CloseCode.NORMAL)
 
 
 async def _welcome(ws: WebSocketConnection, target: Target) -> dict[str, Any]:
@@ -293,11 +366,10 @@ def _not_as_asked(welcome: Mapping[str, Any], target: Target) -> dict[str, Any]:
     """An error event of our own for a server that silently ignored what we asked for."""
     asked = f"{target.name} in #{target.channel}" if target.name else f"#{target.channel}"
     given = f"{welcome.get('name')} in #{welcome.get('channel')}"
-    return {
-        "type": "error",
-        "code": "not_as_asked",
-        "message": f"the server welcomed us as {given}, not {asked}",
-    }
+    message = f"the server welcomed us as {given}, not {asked}"
+    if target.token is not None and welcome.get("name") != target.name:
+        message += " (the name comes from the token: leave out --name)"
+    return {"type": "error", "code": "not_as_asked", "message": message}
 
 
 def describe(exc: BaseException) -> str:
@@ -305,7 +377,9 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed):
         return describe_close(exc.reason)
     if isinstance(exc, ConnectionRejected):
-        return f"the server refused the WebSocket upgrade (HTTP {exc.status_code})"
+        said = _refusal_line(exc)
+        detail = f": {said}" if said else ""
+        return f"the server refused the WebSocket upgrade (HTTP {exc.status_code}{detail})"
     if isinstance(exc, ConnectionTimeout):
         return "timed out"
     cause = _root_os_error(exc)

@@ -46,9 +46,11 @@ def server_restarting(error: ChatError) -> bool:
 class Link:
     """A connection to ``target`` that comes back after drops, feeding events to ``sink``.
 
-    ``run`` loops until ``leave``; only Refused (the server rejected our name or channel) ends
-    it early, since retrying would not help. To stop, ``await leave()`` and then cancel ``run``:
-    leaving first lets the close handshake complete (code 1000) before anything is cancelled.
+    ``run`` loops until ``leave``; only Refused (the server rejected our name or channel),
+    Denied (our token) and ServerNotTrusted (its certificate) end it early, since retrying
+    would not help: they are not ChatErrors, so they pass straight through. To stop,
+    ``await leave()`` and then cancel ``run``: leaving first lets the close handshake complete
+    (code 1000) before anything is cancelled.
 
     The first connection asks for ``target.history`` earlier messages; every later one for
     the messages after the newest id seen. A message whose id was already seen is dropped.

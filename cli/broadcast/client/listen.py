@@ -5,6 +5,9 @@ stderr, so ``listen --json | jq`` sees only events. Runs until SIGINT or SIGTERM
 with backoff like ``connect`` and recovering what was missed meanwhile, each message once.
 What the recovery found (``recovered``) and a server-side ``gap`` are part of the stream, at the
 place they happened: stdout, so a script can act on them and a person sees where a loss lies.
+
+A refused token or an untrusted certificate ends it (see failures.py), as does the token
+expiring while connected (close 4001): reconnecting with the same token would be refused.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from broadcast.client.connection import (
     ChatConnection,
     ChatError,
     ConnectionLost,
+    Denied,
     Frame,
     Refused,
     Target,
 )
+from broadcast.client.failures import REFUSED, Fatal, fatal, report
 from broadcast.client.link import Link, server_restarting
 from broadcast.client.recovery import Replay
 from broadcast.client.render import (
@@ -32,7 +37,9 @@ from broadcast.client.render import (
     recovered_line,
     render_event,
 )
+from broadcast.client.sanitize import sanitize
 from broadcast.client.signals import wait_for_leave_signal
+from broadcast.client.transport import ServerNotTrusted
 
 SHOWN = frozenset({"message", "join", "leave", "recovered", "gap"})
 
@@ -81,7 +88,8 @@ def _status(line: str) -> None:
 
 
 async def run_listen(target: Target, *, as_json: bool) -> int:
-    """Print events until a signal; 1 when the server refuses our name or channel."""
+    """Print events until a signal; 1 when the server refuses our name, channel or token,
+    2 when its certificate does not verify."""
     exit_code = 0
     link = Link(target, Listener(target, as_json=as_json))
     async with trio.open_nursery() as nursery:
@@ -96,11 +104,24 @@ async def run_listen(target: Target, *, as_json: bool) -> int:
             await link.run()
         except Refused as exc:
             _status(error_line(exc.event))
-            exit_code = 1
+            exit_code = REFUSED
+        except Denied as exc:
+            if exc.live:  # a status line like the others: the session was going on
+                _status(f"! {sanitize(exc.text)}")
+                exit_code = REFUSED
+            else:
+                exit_code = _report(fatal(exc))
+        except ServerNotTrusted as exc:
+            exit_code = _report(fatal(exc))
         except BrokenPipeError:  # whoever read our stdout has gone (``listen --json | head``)
             _discard_stdout()
         nursery.cancel_scope.cancel()
     return exit_code
+
+
+def _report(ending: Fatal) -> int:
+    report(ending.message)
+    return ending.exit_code
 
 
 def _discard_stdout() -> None:

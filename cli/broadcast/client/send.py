@@ -1,21 +1,28 @@
 """``broadcast-cli send TEXT``: publish one message, wait for its ack, exit.
 
 Exit codes: 0 accepted (the message id is printed on stdout), 1 refused by the server (its
-error code and message on stderr), 2 no server answered, the connection failed or timed out.
+error code and message on stderr; a refused token too), 2 no server answered, the connection
+failed or timed out, or the server's certificate did not verify.
 """
 
 from __future__ import annotations
 
-import sys
-
 import trio
 
-from broadcast.client.connection import ConnectionLost, Refused, Target, Unreachable, open_chat
+from broadcast.client.connection import (
+    ConnectionLost,
+    Denied,
+    Refused,
+    Target,
+    Unreachable,
+    open_chat,
+)
+from broadcast.client.failures import FAILED, REFUSED, fatal, report
 from broadcast.client.render import error_text
 from broadcast.client.sanitize import sanitize
+from broadcast.client.transport import ServerNotTrusted
 
-PROG = "broadcast-cli"
-ACCEPTED, REFUSED, FAILED = 0, 1, 2
+ACCEPTED = 0
 _REF = "send-1"
 
 
@@ -32,23 +39,23 @@ async def run_send(target: Target, text: str, seconds: float) -> int:
                         print(sanitize(str(frame.event.get("id"))), flush=True)
                         return ACCEPTED
                     if frame.kind == "error" and ref in (_REF, None):
-                        _fail(f"refused by the server: {error_text(frame.event)}")
+                        report(f"refused by the server: {error_text(frame.event)}")
                         return REFUSED
         except Refused as exc:
-            _fail(f"the server refused our name or channel: {error_text(exc.event)}")
+            report(f"the server refused our name or channel: {error_text(exc.event)}")
             return REFUSED
+        except (Denied, ServerNotTrusted) as exc:
+            ending = fatal(exc)
+            report(ending.message)
+            return ending.exit_code
         except Unreachable as exc:
-            _fail(f"cannot reach {target.url}: {exc.reason}")
+            report(f"cannot reach {target.url}: {exc.reason}")
             return FAILED
         except ConnectionLost as exc:
-            _fail(
+            report(
                 f"connection to {target.url} lost before an answer ({exc.reason}); "
                 "the message may or may not have been sent"
             )
             return FAILED
-    _fail(f"no answer from {target.url} within {seconds:g} s")
+    report(f"no answer from {target.url} within {seconds:g} s")
     return FAILED
-
-
-def _fail(message: str) -> None:
-    print(f"{PROG}: {sanitize(message)}", file=sys.stderr, flush=True)

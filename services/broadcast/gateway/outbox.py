@@ -6,8 +6,8 @@ and per task wake-up, not per byte, so:
 
 - ``flush`` first tries one non-blocking write of everything queued, straight from the fan-out
   loop: when the socket has room (the usual case) no task wakes up at all;
-- what the socket does not take is left to the session's writer task, which joins everything
-  queued into one ``send_all`` and keeps the order;
+- what the socket does not take is left to a writer task, started for the purpose, which joins
+  everything queued into one ``send_all``, keeps the order, and ends when the queue is empty;
 - past ``limit`` unsent bytes the client is slow: the backlog is dropped and ``on_give_up``
   ends the session (as it does when a direct write finds the connection broken).
 """
@@ -39,18 +39,22 @@ def socket_direct_write(stream: trio.abc.Stream) -> DirectWrite | None:
 
 
 class Outbox:
+    """``start_writer`` starts the session's writer task (``write_pending``); it is called only
+    when the socket is full or the outbox closes, so an idle client costs no task at all."""
+
     def __init__(
         self,
         limit: int,
         on_give_up: Callable[[], None],
+        start_writer: Callable[[], None],
         direct_write: DirectWrite | None = None,
     ) -> None:
         self._limit = limit
         self._on_give_up = on_give_up
+        self._start_writer = start_writer
         self._direct_write = direct_write
         self._chunks: list[bytes] = []
         self._size = 0
-        self._wakeup = trio.Event()
         self._writer_owns_queue = False
         self._closing = False
         self.overflowed = False
@@ -78,11 +82,13 @@ class Outbox:
     def overflow(self) -> None:
         """The client is too slow: drop its backlog and give up on it."""
         self.overflowed = True
+        self._give_up()
+
+    def _give_up(self) -> None:
         self._closing = True
         self._chunks.clear()
         self._size = 0
         self._on_give_up()
-        self._wakeup.set()
 
     def flush(self) -> None:
         """Write what is queued now if the socket takes it; otherwise hand it to the writer."""
@@ -94,16 +100,13 @@ class Outbox:
                 written = self._direct_write(data)
             except OSError as exc:
                 self.broken = exc
-                self._closing = True
-                self._on_give_up()
-                self._wakeup.set()
+                self._give_up()
                 return
             if written == len(data):
                 return
             self._chunks = [data[written:]]
             self._size = len(data) - written
-        self._writer_owns_queue = True
-        self._wakeup.set()
+        self._hand_to_writer()
 
     def send(self, data: bytes) -> None:
         """``push`` and ``flush`` one piece: for replies to this client alone."""
@@ -118,8 +121,12 @@ class Outbox:
             self._chunks.append(final)
             self._size += len(final)
         self._closing = True
-        self._writer_owns_queue = True
-        self._wakeup.set()
+        self._hand_to_writer()
+
+    def _hand_to_writer(self) -> None:
+        if not self._writer_owns_queue:
+            self._writer_owns_queue = True
+            self._start_writer()
 
     def _take(self) -> bytes:
         data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
@@ -127,16 +134,13 @@ class Outbox:
         self._size = 0
         return data
 
-    async def write_until_closed(self, send_all: Callable[[bytes], Awaitable[None]]) -> None:
-        """The writer task: one ``send_all`` per wake-up, until closed and flushed."""
-        while True:
-            while not self._chunks:
-                self._writer_owns_queue = False
-                if self._closing:
-                    return
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-            data = self._take()
-            self.writing = True
-            await send_all(data)
-            self.writing = False
+    async def write_pending(self, send_all: Callable[[bytes], Awaitable[None]]) -> None:
+        """The writer task: one ``send_all`` per round until nothing is queued, then it ends."""
+        try:
+            while self._chunks:
+                data = self._take()
+                self.writing = True
+                await send_all(data)
+                self.writing = False
+        finally:
+            self._writer_owns_queue = False

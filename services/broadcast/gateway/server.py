@@ -124,6 +124,7 @@ class Gateway:
             nursery.start_soon(self.probe.run)
             await nursery.start(self.presence.run)
             nursery.start_soon(self._announce_expired)
+            nursery.start_soon(self._sweep_idle)
             listeners = await trio.open_tcp_listeners(self.port, host=self.host)
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as handlers:
@@ -153,6 +154,14 @@ class Gateway:
                 await self.bus.publish_event(channel, payload)
             except BusUnavailable:
                 log.info("no leave notice for %s in #%s: the bus is unavailable", name, channel)
+
+    async def _sweep_idle(self) -> None:
+        """One task checks every client's liveness, rather than one timer task per client."""
+        while True:
+            await trio.sleep(self.idle_timeout / 3)
+            now = trio.current_time()
+            for session in list(self._sessions):
+                session.check_alive(now)
 
     def _begin_drain(self) -> None:
         self.draining = True

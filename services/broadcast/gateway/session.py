@@ -48,7 +48,10 @@ class ClientSession:
         """Whether the client named its channel (then being moved elsewhere is an error)."""
         self.announce = True
         """Whether others see this client: join/leave notices and presence (off for scripts)."""
-        self.outbox = Outbox(OUTBOX_LIMIT_BYTES, self._give_up, socket_direct_write(stream))
+        self.outbox = Outbox(
+            OUTBOX_LIMIT_BYTES, self._give_up, self._start_writer, socket_direct_write(stream)
+        )
+        self._nursery: trio.Nursery | None = None
         self.recovery: Recovery | None = None
         """What to replay on joining, as asked in the handshake."""
         self.identity: Identity | None = None
@@ -87,8 +90,7 @@ class ClientSession:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._write)
-                nursery.start_soon(self.keep_alive)
+                self._nursery = nursery
                 if self.identity is not None:
                     nursery.start_soon(self._end_when_token_expires, self.identity)
                 await self.join(self.recovery, greeting=True)
@@ -96,6 +98,7 @@ class ClientSession:
                 self.outbox.close(self.goodbye())
                 nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT_SECONDS
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT_SECONDS):
                 await self.leave()
                 if self.outbox.overflowed and not self.outbox.writing:
@@ -140,10 +143,14 @@ class ClientSession:
                 ErrorCode.CHANNEL_FORBIDDEN, f"your token does not allow #{channel}"
             )
 
+    def _start_writer(self) -> None:
+        if self._nursery is not None:  # None once the session is over: nothing more to say
+            self._nursery.start_soon(self._write)
+
     async def _write(self) -> None:
-        await self.outbox.write_until_closed(self.stream.send_all)
-        # Closed and flushed: nothing more to say, so the reader ends too.
-        if self._scope is not None:
+        await self.outbox.write_pending(self.stream.send_all)
+        if self.outbox.closing and self._scope is not None:
+            # Closed and flushed: nothing more to say, so the reader ends too.
             self._scope.cancel()
 
     def shut_down(self, reason: str) -> None:
@@ -259,8 +266,8 @@ class ClientSession:
 
     # -- protocol-specific -----------------------------------------------------------------
 
-    async def keep_alive(self) -> None:
-        """Protocol-specific liveness checks, running beside the reader (none by default:
+    def check_alive(self, now: float) -> None:
+        """Protocol-specific liveness, from the gateway's periodic sweep (nothing by default:
         line clients rely on TCP keepalive, since nc cannot answer pings)."""
 
     def greet(self) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -50,7 +51,7 @@ class WebSocketSession(ClientSession):
         gateway: Gateway,
         stream: trio.abc.Stream,
         number: int,
-        connection: WSConnection,
+        connection: Connection,
         resource: str,
     ) -> None:
         super().__init__(gateway, stream, number)
@@ -76,9 +77,12 @@ class WebSocketSession(ClientSession):
         connection.initiate_upgrade_connection(headers, target)
         request = next(e for e in connection.events() if isinstance(e, Request))
         await stream.send_all(connection.send(AcceptConnection(extensions=[])))
+        # Keep only the frame parser: the handshake's h11 objects are ~3.5 KiB per client.
+        frames = connection.handshake.connection
+        assert frames is not None  # accepting the request made it
         if trailing:
-            connection.receive_data(trailing)
-        return cls(gateway, stream, number, connection, request.target)
+            frames.receive_data(trailing)
+        return cls(gateway, stream, number, frames, request.target)
 
     def _apply_query(self, resource: str) -> None:
         """``ws://host:port/?name=alice&channel=general`` names the client before it joins.
@@ -138,19 +142,16 @@ class WebSocketSession(ClientSession):
         for error in self._query_errors:
             self._refuse(error)
 
-    async def keep_alive(self) -> None:
-        """Ping a quiet client; close one that has said nothing, not even a pong, for too long."""
+    def check_alive(self, now: float) -> None:
+        """Ping a quiet client; close one that has said nothing, not even a pong, for too long.
+        Called by the gateway's sweep, every third of the idle timeout."""
         idle_timeout = self.gateway.idle_timeout
-        while True:
-            await trio.sleep_until(self._last_heard + idle_timeout / 3)
-            quiet_for = trio.current_time() - self._last_heard
-            if quiet_for >= idle_timeout:
-                self.gateway.stats.count_error("idle_timeout")
-                self.outbox.close(encode_close_frame(CloseCode.IDLE, "idle: no reply to ping"))
-                return
-            if quiet_for >= idle_timeout / 3:
-                self.send(encode_ping_frame(b"keepalive"))
-                await trio.sleep(idle_timeout / 3)
+        quiet_for = now - self._last_heard
+        if quiet_for >= idle_timeout:
+            self.gateway.stats.count_error("idle_timeout")
+            self.outbox.close(encode_close_frame(CloseCode.IDLE, "idle: no reply to ping"))
+        elif quiet_for >= idle_timeout / 3:
+            self.send(encode_ping_frame(b"keepalive"))
 
     def render_payload(self, payload: bytes) -> bytes:
         return encode_text_frame(payload)

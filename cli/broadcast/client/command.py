@@ -31,6 +31,7 @@ from broadcast.client.mint import DEFAULT_TTL, SECRET_VARIABLE, mint, parse_chan
 from broadcast.client.send import run_send
 from broadcast.client.terminal import PipeTerminal, PromptTerminal
 from broadcast.client.transport import ALPN
+from broadcast.client.who import run_who
 from broadcast.protocol.errors import ProtocolError
 from broadcast.protocol.limits import DEFAULT_CHANNEL, DEFAULT_PORT, HISTORY_LENGTH
 from broadcast.protocol.validate import check_channel, check_name
@@ -73,6 +74,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.command == "send":
             return trio.run(run_send, target, args.text, args.timeout)
+        if args.command == "who":
+            return trio.run(partial(run_who, target, as_json=args.json, seconds=args.timeout))
         if args.command == "listen":
             return trio.run(partial(run_listen, target, as_json=args.json))
         return trio.run(_connect, target)
@@ -96,7 +99,7 @@ def make_target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
         url=url,
         name=args.name,
         channel=args.channel,
-        # Scripts (send, listen) come and go without telling everyone in the channel.
+        # Scripts (send, listen, who) come and go without telling everyone in the channel.
         announce=args.command == "connect",
         history=getattr(args, "history", 0),
         token=token,
@@ -151,7 +154,7 @@ def _print_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 async def _connect(target: Target) -> int:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    terminal = PromptTerminal(f"#{target.channel}> ") if interactive else PipeTerminal()
+    terminal = PromptTerminal(target.channel) if interactive else PipeTerminal()
     try:
         async with terminal:
             return await run_chat(target, terminal)
@@ -221,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("text", help="the message")
     send.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_TIMEOUT,
+        help="give up after this many seconds (default %(default)g)",
+    )
+    who = commands.add_parser(
+        "who",
+        parents=[where],
+        help="print who is in the channel and exit",
+        description="Print who is in the channel, on every gateway, one name a line; "
+        "without showing up there itself. Exit status as for send: 0 answered, "
+        "1 refused by the server, 2 no answer, the connection failed or the server's "
+        "certificate did not verify.",
+    )
+    who.add_argument(
+        "--json", action="store_true", help="the server's presence event, as one JSON line"
+    )
+    who.add_argument(
         "--timeout",
         type=_positive,
         default=DEFAULT_TIMEOUT,

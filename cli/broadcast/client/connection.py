@@ -211,6 +211,10 @@ class ChatConnection:
         text = text.encode("utf-8", "replace").decode("utf-8")
         await self._send({"type": "publish", "text": text, "ref": ref})
 
+    async def who(self) -> None:
+        """Ask who is in our channel; the server answers with a ``presence`` event."""
+        await self._send({"type": "who"})
+
     async def receive(self) -> Frame:
         """The next event, pongs excluded; raises ConnectionLost when the connection ends."""
         pinged = False

@@ -3,10 +3,17 @@
 Each reconnection asks for what was missed (``since`` the newest message id seen), and every
 message passes a check against the ids already shown, so what the sink gets is each message
 once, in order, whatever happened to the connection.
+
+``move`` switches channels the simplest robust way: the Link closes its connection and opens a
+new one with the new channel in the handshake query, exactly as it would reconnect. Message ids
+are per channel, so the ids seen in the old channel are forgotten: resuming the new channel
+``since`` an id of the old one would ask for the wrong messages.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Protocol
 
 import trio
@@ -17,6 +24,7 @@ from broadcast.client.connection import (
     ChatError,
     ConnectionLost,
     Frame,
+    Refused,
     Target,
     open_chat,
 )
@@ -62,32 +70,54 @@ class Link:
         self._backoff = backoff or Backoff()
         self._chat: ChatConnection | None = None
         self._leaving = False
+        self._moving = False  # the current connection is being closed to change channels
+        self._left: Target | None = None  # before a move that has not connected yet
+        self._waiting = trio.CancelScope()  # the backoff sleep, which a move cuts short
         self._welcomed = False  # once: later connections resume instead of asking for history
         self.seen = SeenMessages()
 
     async def run(self) -> None:
         while not self._leaving:
             welcomed_at: float | None = None
+            target = self._target
             since = self.seen.newest_text
-            history = 0 if self._welcomed or since is not None else self._target.history
+            history = 0 if self._welcomed or since is not None else target.history
             try:
-                async with open_chat(self._target, since=since, history=history) as chat:
+                async with open_chat(target, since=since, history=history) as chat:
+                    if self._target is not target:  # moved while connecting: not this channel
+                        continue
                     welcomed_at = trio.current_time()
+                    self._left = None
                     self._welcomed = True
                     self._chat = chat
                     self._sink.connected(chat)
                     await self._relay(chat)
-                    return  # we are leaving
+                self._chat = None
+                if self._leaving:
+                    return
+                continue  # moving: connect again at once, to the new channel
+            except Refused as refused:
+                if self._left is None:
+                    raise
+                # A channel we may not join (a token's ``channels``): go back, and say why.
+                self._target, self._left = self._left, None
+                self.seen = SeenMessages()
+                self._welcomed = True  # its history was shown once already; not again
+                self._sink.received(Frame(json.dumps(refused.event), dict(refused.event)))
             except ChatError as error:
                 self._chat = None
                 if self._leaving:
                     return
+                if self._target is not target:  # moved meanwhile: try the new channel at once
+                    self._moving = False
+                    continue
                 lasted = None if welcomed_at is None else trio.current_time() - welcomed_at
                 if lasted is not None and lasted >= STABLE_SECONDS:
                     self._backoff.reset()
                 delay = self._next_delay(error)
                 self._sink.disconnected(error, delay)
-                await trio.sleep(delay)
+                with trio.CancelScope() as self._waiting:
+                    await trio.sleep(delay)
 
     def _next_delay(self, error: ChatError) -> float:
         """At once (a little jitter) for a draining gateway, unless that is all we get."""
@@ -96,7 +126,8 @@ class Link:
         return self._backoff.next_delay()
 
     async def _relay(self, chat: ChatConnection) -> None:
-        """Hand events to the sink until the connection ends; returns only when leaving."""
+        """Hand events to the sink until the connection ends; returns only when leaving or
+        moving to another channel."""
         try:
             while True:
                 frame = await chat.receive()
@@ -105,9 +136,31 @@ class Link:
                         chat.replay.note(frame)
                     self._sink.received(frame)
         except ConnectionLost:
-            if not self._leaving:
+            if not (self._leaving or self._moving):
                 raise
             await chat.wait_closed()
+            self._moving = False
+
+    @property
+    def channel(self) -> str:
+        """The channel this Link connects to (the latest ``move``'s)."""
+        return self._target.channel
+
+    async def move(self, channel: str) -> None:
+        """Connect to ``channel`` from now on: close the current connection (politely, bounded
+        in time) so that ``run`` reconnects at once, and start that channel afresh.
+
+        The new channel's first connection asks for ``target.history`` messages, like the
+        first one did: joining a channel is joining, whichever way it happens.
+        """
+        self._left = self._left or self._target
+        self._target = replace(self._target, channel=channel)
+        self.seen = SeenMessages()
+        self._welcomed = False
+        self._waiting.cancel()  # reconnecting after a failure: no need to wait any longer
+        if self._chat is not None:
+            self._moving = True
+            await self._chat.close()
 
     async def leave(self) -> None:
         """Stop reconnecting and close the current connection politely (bounded in time)."""

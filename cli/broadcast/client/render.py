@@ -84,6 +84,21 @@ def recovered_line(event: Mapping[str, Any], replay: Replay | None) -> str | Non
     return notice_line(f"{replay.shown} earlier message{plural} from the history above")
 
 
+def presence_members(event: Mapping[str, Any]) -> list[str]:
+    """The names in a ``presence`` event, sanitized; a malformed list reads as nobody."""
+    members = event.get("members")
+    if not isinstance(members, list):
+        return []
+    return [sanitize(_field({"m": member}, "m")) for member in members]
+
+
+def presence_line(event: Mapping[str, Any]) -> str:
+    """``* here in #general: alice, bob``: the answer to ``/who``, as on the line protocol."""
+    channel = sanitize(_field(event, "channel"))
+    members = presence_members(event)
+    return f"* here in #{channel}: {', '.join(members) if members else 'nobody'}"
+
+
 def error_text(event: Mapping[str, Any]) -> str:
     """An ``error`` event as ``code: message``: the stable code, then the words for people."""
     return f"{sanitize(_field(event, 'code'))}: {sanitize(_field(event, 'message'))}"

@@ -44,6 +44,14 @@ class Terminal(Protocol):
         """The next line typed, without its newline; None at end of input."""
         ...
 
+    def set_channel(self, channel: str) -> None:
+        """The chat is now in ``channel`` (after ``/join``): a prompt that names it follows."""
+        ...
+
+
+def channel_prompt(channel: str) -> str:
+    return f"#{channel}> "
+
 
 class PromptTerminal:
     """An interactive prompt that stays on the bottom line while chat lines scroll above it.
@@ -54,9 +62,11 @@ class PromptTerminal:
 
     waits_for_connection = False
 
-    def __init__(self, prompt: str) -> None:
+    def __init__(self, channel: str) -> None:
         # erase_when_done: a sent line is shown again, timestamped, when the server acks it.
-        self._session: PromptSession[str] = PromptSession(prompt, erase_when_done=True)
+        self._session: PromptSession[str] = PromptSession(
+            channel_prompt(channel), erase_when_done=True
+        )
         self._lock = threading.Lock()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the running prompt's loop
@@ -82,6 +92,15 @@ class PromptTerminal:
 
     def show(self, line: str) -> None:
         print(line, file=sys.stdout, flush=True)  # sys.stdout is the patch_stdout proxy
+
+    def set_channel(self, channel: str) -> None:
+        """New prompt text: read by the next prompt, and redrawn in the one now running."""
+        self._session.message = channel_prompt(channel)
+        with self._lock:
+            loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop just closed: the next one reads it
+                loop.call_soon_threadsafe(self._session.app.invalidate)
 
     async def read_line(self) -> str | None:
         try:
@@ -151,6 +170,9 @@ class PipeTerminal:
 
     def show(self, line: str) -> None:
         print(line, file=sys.stdout, flush=True)
+
+    def set_channel(self, channel: str) -> None:
+        return None  # no prompt to change
 
     async def read_line(self) -> str | None:
         while True:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from broadcast.client.connection import Denied
+from broadcast.client.connection import ConnectionLost, Denied, Refused, Unreachable
+from broadcast.client.render import error_text
 from broadcast.client.sanitize import sanitize
 from broadcast.client.transport import ServerNotTrusted
 
@@ -40,3 +41,24 @@ def fatal(exc: Denied | ServerNotTrusted) -> Fatal:
 def report(message: str) -> None:
     """``broadcast-cli: message`` on stderr; what came from the network is made safe first."""
     print(f"{PROG}: {sanitize(message)}", file=sys.stderr, flush=True)
+
+
+ONE_SHOT_FAILURES = (Refused, Denied, ServerNotTrusted, Unreachable, ConnectionLost)
+"""What can end a one-shot command (``send``, ``who``) before its answer."""
+
+
+def one_shot_failure(exc: Exception, url: str, lost_note: str = "") -> int:
+    """Say on stderr why a one-shot command got no answer; return its exit code."""
+    if isinstance(exc, Refused):
+        report(f"the server refused our name or channel: {error_text(exc.event)}")
+        return REFUSED
+    if isinstance(exc, Denied | ServerNotTrusted):
+        ending = fatal(exc)
+        report(ending.message)
+        return ending.exit_code
+    if isinstance(exc, Unreachable):
+        report(f"cannot reach {url}: {exc.reason}")
+        return FAILED
+    assert isinstance(exc, ConnectionLost)
+    report(f"connection to {url} lost before an answer ({exc.reason}){lost_note}")
+    return FAILED

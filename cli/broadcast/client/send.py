@@ -10,17 +10,12 @@ from __future__ import annotations
 import trio
 
 from broadcast.client.connection import (
-    ConnectionLost,
-    Denied,
-    Refused,
     Target,
-    Unreachable,
     open_chat,
 )
-from broadcast.client.failures import FAILED, REFUSED, fatal, report
+from broadcast.client.failures import FAILED, ONE_SHOT_FAILURES, REFUSED, one_shot_failure, report
 from broadcast.client.render import error_text
 from broadcast.client.sanitize import sanitize
-from broadcast.client.transport import ServerNotTrusted
 
 ACCEPTED = 0
 _REF = "send-1"
@@ -41,21 +36,8 @@ async def run_send(target: Target, text: str, seconds: float) -> int:
                     if frame.kind == "error" and ref in (_REF, None):
                         report(f"refused by the server: {error_text(frame.event)}")
                         return REFUSED
-        except Refused as exc:
-            report(f"the server refused our name or channel: {error_text(exc.event)}")
-            return REFUSED
-        except (Denied, ServerNotTrusted) as exc:
-            ending = fatal(exc)
-            report(ending.message)
-            return ending.exit_code
-        except Unreachable as exc:
-            report(f"cannot reach {target.url}: {exc.reason}")
-            return FAILED
-        except ConnectionLost as exc:
-            report(
-                f"connection to {target.url} lost before an answer ({exc.reason}); "
-                "the message may or may not have been sent"
-            )
-            return FAILED
+        except ONE_SHOT_FAILURES as exc:
+            note = "; the message may or may not have been sent"
+            return one_shot_failure(exc, target.url, note)
     report(f"no answer from {target.url} within {seconds:g} s")
     return FAILED

@@ -14,17 +14,12 @@ from __future__ import annotations
 import trio
 
 from broadcast.client.connection import (
-    ConnectionLost,
-    Denied,
     Frame,
-    Refused,
     Target,
-    Unreachable,
     open_chat,
 )
-from broadcast.client.failures import FAILED, REFUSED, fatal, report
+from broadcast.client.failures import FAILED, ONE_SHOT_FAILURES, REFUSED, one_shot_failure, report
 from broadcast.client.render import error_text, json_line, presence_members
-from broadcast.client.transport import ServerNotTrusted
 
 ANSWERED = 0
 
@@ -42,19 +37,8 @@ async def run_who(target: Target, *, as_json: bool, seconds: float) -> int:
                     if frame.kind == "error":  # e.g. bus_unavailable: presence cannot be read
                         report(f"refused by the server: {error_text(frame.event)}")
                         return REFUSED
-        except Refused as exc:
-            report(f"the server refused our name or channel: {error_text(exc.event)}")
-            return REFUSED
-        except (Denied, ServerNotTrusted) as exc:
-            ending = fatal(exc)
-            report(ending.message)
-            return ending.exit_code
-        except Unreachable as exc:
-            report(f"cannot reach {target.url}: {exc.reason}")
-            return FAILED
-        except ConnectionLost as exc:
-            report(f"connection to {target.url} lost before an answer ({exc.reason})")
-            return FAILED
+        except ONE_SHOT_FAILURES as exc:
+            return one_shot_failure(exc, target.url)
     report(f"no answer from {target.url} within {seconds:g} s")
     return FAILED
 

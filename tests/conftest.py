@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.gateway_process import GatewayProcess
 from tests.support.redis_server import RedisServer
 
 
@@ -22,3 +23,14 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def gateway_process() -> Iterator[GatewayProcess]:
+    """One real gateway process on the in-process bus, shared by a test module (CLI tests:
+    each test uses its own channel, so they do not see one another)."""
+    process = GatewayProcess(node_id="cli-tests")
+    try:
+        yield process
+    finally:
+        process.terminate()

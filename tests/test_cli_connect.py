@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -22,15 +22,6 @@ from tests.support.gateway_process import GatewayProcess
 from tests.support.pty_terminal import PtyTerminal
 
 ROWS, COLUMNS = 24, 100
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[GatewayProcess]:
-    process = GatewayProcess(node_id="t1")
-    try:
-        yield process
-    finally:
-        process.terminate()
 
 
 @asynccontextmanager
@@ -65,14 +56,14 @@ def prompt_holds(terminal: PtyTerminal, prompt: str, text: str) -> bool:
 
 
 async def test_typed_lines_are_sent_and_a_half_typed_line_survives_incoming_messages(
-    gateway: GatewayProcess,
+    gateway_process: GatewayProcess,
 ) -> None:
     channel = "pty-typing"
     async with (
-        raw_client(gateway.url, "bob", channel) as bob,
-        chat(gateway.url, "--name", "alice", "--channel", channel) as terminal,
+        raw_client(gateway_process.url, "bob", channel) as bob,
+        chat(gateway_process.url, "--name", "alice", "--channel", channel) as terminal,
     ):
-        assert f"* connected to {gateway.url} as alice in #{channel}" in terminal.text()
+        assert f"* connected to {gateway_process.url} as alice in #{channel}" in terminal.text()
         prompt = f"#{channel}> "
         terminal.type("hel")
         await terminal.wait_for(lambda: prompt_holds(terminal, prompt, "hel"), "hel at the prompt")
@@ -96,8 +87,8 @@ async def test_typed_lines_are_sent_and_a_half_typed_line_survives_incoming_mess
         assert b"Traceback" not in terminal.output
 
 
-async def test_a_refused_line_is_explained(gateway: GatewayProcess) -> None:
-    async with chat(gateway.url, "--channel", "pty-refused") as terminal:
+async def test_a_refused_line_is_explained(gateway_process: GatewayProcess) -> None:
+    async with chat(gateway_process.url, "--channel", "pty-refused") as terminal:
         terminal.type("x" * 4100 + "\r")
         await terminal.wait_for_text("! text_too_long: ")
         terminal.type("\x04")

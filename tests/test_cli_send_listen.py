@@ -13,7 +13,7 @@ import json
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -35,25 +35,16 @@ from tests.support.fake_gateway import FakeGateway
 from tests.support.gateway_process import GatewayProcess
 
 
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[GatewayProcess]:
-    process = GatewayProcess(node_id="t1")
-    try:
-        yield process
-    finally:
-        process.terminate()
-
-
 async def test_listen_json_prints_what_send_sent_exactly_as_received(
-    gateway: GatewayProcess,
+    gateway_process: GatewayProcess,
 ) -> None:
     channel = "cli-json"
     async with (
-        listening(gateway.url, "--json", "--channel", channel) as (out, _),
-        raw_client(gateway.url, "watcher", channel) as watcher,
+        listening(gateway_process.url, "--json", "--channel", channel) as (out, _),
+        raw_client(gateway_process.url, "watcher", channel) as watcher,
     ):
         sent = await run_cli(
-            "send", "--url", gateway.url, "--channel", channel, "--name", "bob", "hi"
+            "send", "--url", gateway_process.url, "--channel", channel, "--name", "bob", "hi"
         )
         assert sent.returncode == 0, sent.stderr
         message_id = sent.stdout.decode().strip()
@@ -71,14 +62,14 @@ async def test_listen_json_prints_what_send_sent_exactly_as_received(
         assert all(json.loads(seen)["type"] in ("message", "join", "leave") for seen in out.seen)
 
 
-async def test_listen_prints_people_readable_lines(gateway: GatewayProcess) -> None:
+async def test_listen_prints_people_readable_lines(gateway_process: GatewayProcess) -> None:
     channel = "cli-human"
-    async with listening(gateway.url, "--channel", channel) as (out, err):
+    async with listening(gateway_process.url, "--channel", channel) as (out, err):
         assert (
             err.seen[-1]
-            == f"* connected to {gateway.url} as {err.seen[-1].split()[-3]} in #{channel}"
+            == f"* connected to {gateway_process.url} as {err.seen[-1].split()[-3]} in #{channel}"
         )
-        async with raw_client(gateway.url, "carol", channel) as carol:
+        async with raw_client(gateway_process.url, "carol", channel) as carol:
             await carol.send_message(json.dumps({"type": "publish", "text": "hello humans"}))
             await next_event(carol, lambda e: e.get("type") == "ack")
         line = await out.line_containing("hello humans")
@@ -86,8 +77,10 @@ async def test_listen_prints_people_readable_lines(gateway: GatewayProcess) -> N
         assert any(seen.endswith(f"* carol joined #{channel}") for seen in out.seen)
 
 
-async def test_send_over_the_limit_exits_1_with_the_error_code(gateway: GatewayProcess) -> None:
-    result = await run_cli("send", "--url", gateway.url, "x" * 5000)
+async def test_send_over_the_limit_exits_1_with_the_error_code(
+    gateway_process: GatewayProcess,
+) -> None:
+    result = await run_cli("send", "--url", gateway_process.url, "x" * 5000)
     assert result.returncode == 1
     assert b"text_too_long" in result.stderr
     assert b"Traceback" not in result.stderr
@@ -194,11 +187,18 @@ async def _notices_and_messages(ws: WebSocketConnection, until_left: str) -> lis
     return seen
 
 
-async def test_connect_joins_once_under_its_own_name(gateway: GatewayProcess) -> None:
+async def test_connect_joins_once_under_its_own_name(gateway_process: GatewayProcess) -> None:
     channel = "cli-named"
-    async with raw_client(gateway.url, "watcher", channel) as watcher:
+    async with raw_client(gateway_process.url, "watcher", channel) as watcher:
         result = await run_cli(
-            "connect", "--url", gateway.url, "--name", "alice", "--channel", channel, stdin=b"hi\n"
+            "connect",
+            "--url",
+            gateway_process.url,
+            "--name",
+            "alice",
+            "--channel",
+            channel,
+            stdin=b"hi\n",
         )
         assert result.returncode == 0, result.stderr
         # Not "guest-N joined, guest-N left, alice joined": the query named us from the start.
@@ -209,18 +209,28 @@ async def test_connect_joins_once_under_its_own_name(gateway: GatewayProcess) ->
         ]
 
 
-async def test_send_and_listen_come_and_go_without_notices(gateway: GatewayProcess) -> None:
+async def test_send_and_listen_come_and_go_without_notices(gateway_process: GatewayProcess) -> None:
     channel = "cli-quiet"
-    async with raw_client(gateway.url, "watcher", channel) as watcher:
-        async with listening(gateway.url, "--channel", channel, "--name", "ears") as (out, _):
+    async with raw_client(gateway_process.url, "watcher", channel) as watcher:
+        async with listening(gateway_process.url, "--channel", channel, "--name", "ears") as (
+            out,
+            _,
+        ):
             sent = await run_cli(
-                "send", "--url", gateway.url, "--channel", channel, "--name", "bob", "x"
+                "send", "--url", gateway_process.url, "--channel", channel, "--name", "bob", "x"
             )
             assert sent.returncode == 0, sent.stderr
             await out.line_containing("bob: x")
         # A chat after them, as a marker: everything the watcher got before it is theirs.
         marker = await run_cli(
-            "connect", "--url", gateway.url, "--name", "carol", "--channel", channel, stdin=b"m\n"
+            "connect",
+            "--url",
+            gateway_process.url,
+            "--name",
+            "carol",
+            "--channel",
+            channel,
+            stdin=b"m\n",
         )
         assert marker.returncode == 0, marker.stderr
         assert await _notices_and_messages(watcher, "carol") == [

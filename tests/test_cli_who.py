@@ -9,12 +9,11 @@ fake gateway serves where a test must see the handshake query itself (``since`` 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode
 
-import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -26,15 +25,6 @@ from tests.support.gateway_process import GatewayProcess
 from tests.support.pty_terminal import PtyTerminal
 
 QUIET_SECONDS = 0.5  # how long "nothing arrives" is watched for
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[GatewayProcess]:
-    process = GatewayProcess(node_id="who1")
-    try:
-        yield process
-    finally:
-        process.terminate()
 
 
 @asynccontextmanager
@@ -60,22 +50,25 @@ async def nothing_but_presence(ws: WebSocketConnection) -> list[dict[str, Any]]:
 
 
 async def test_who_lists_the_members_and_not_itself_nor_disturbs_them(
-    gateway: GatewayProcess,
+    gateway_process: GatewayProcess,
 ) -> None:
     channel = "who-lists"
-    async with member(gateway.url, "bob", channel) as bob, member(gateway.url, "alice", channel):
+    async with (
+        member(gateway_process.url, "bob", channel) as bob,
+        member(gateway_process.url, "alice", channel),
+    ):
         await next_event(bob, lambda e: e.get("type") == "join" and e.get("name") == "alice")
-        result = await run_cli("who", "--url", gateway.url, "--channel", channel)
+        result = await run_cli("who", "--url", gateway_process.url, "--channel", channel)
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().splitlines() == ["alice", "bob"]
         assert result.stderr == b""
         assert await nothing_but_presence(bob) == []  # no join, no leave: it was invisible
 
 
-async def test_who_json_prints_the_presence_event(gateway: GatewayProcess) -> None:
+async def test_who_json_prints_the_presence_event(gateway_process: GatewayProcess) -> None:
     channel = "who-json"
-    async with member(gateway.url, "carol", channel):
-        result = await run_cli("who", "--url", gateway.url, "--channel", channel, "--json")
+    async with member(gateway_process.url, "carol", channel):
+        result = await run_cli("who", "--url", gateway_process.url, "--channel", channel, "--json")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.decode().splitlines()
         assert [json.loads(line) for line in lines] == [
@@ -83,8 +76,8 @@ async def test_who_json_prints_the_presence_event(gateway: GatewayProcess) -> No
         ]
 
 
-async def test_who_in_an_empty_channel_prints_nothing(gateway: GatewayProcess) -> None:
-    result = await run_cli("who", "--url", gateway.url, "--channel", "who-nobody")
+async def test_who_in_an_empty_channel_prints_nothing(gateway_process: GatewayProcess) -> None:
+    result = await run_cli("who", "--url", gateway_process.url, "--channel", "who-nobody")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 
 
@@ -117,18 +110,18 @@ def test_presence_line_escapes_what_the_network_sent() -> None:
 # --- /who and /join in connect ------------------------------------------------------------
 
 
-async def test_who_and_join_at_the_prompt(gateway: GatewayProcess) -> None:
+async def test_who_and_join_at_the_prompt(gateway_process: GatewayProcess) -> None:
     home, other = "pty-who-home", "pty-who-other"
     terminal = PtyTerminal(
-        [*CLI, "connect", "--url", gateway.url, "--name", "alice", "--channel", home],
+        [*CLI, "connect", "--url", gateway_process.url, "--name", "alice", "--channel", home],
         env=cli_env(),
         rows=24,
         columns=100,
     )
     try:
         async with (
-            member(gateway.url, "bob", home) as bob,
-            member(gateway.url, "dan", other) as dan,
+            member(gateway_process.url, "bob", home) as bob,
+            member(gateway_process.url, "dan", other) as dan,
         ):
             await terminal.wait_for_text("* connected to ")
             await next_event(bob, lambda e: e.get("type") == "join" and e.get("name") == "alice")

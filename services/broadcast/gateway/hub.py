@@ -80,13 +80,6 @@ class ChannelHub:
                 del self._members[member.channel]
                 await self._bus.unsubscribe(member.channel)
 
-    def discard_now(self, member: Member) -> None:
-        """Drop a member without touching the bus (used while cancelled, when awaiting is not
-        possible); a channel left empty stays subscribed until the next join or leave there."""
-        members = self._members.get(member.channel)
-        if members is not None:
-            members.discard(member)
-
     def watch(self, channel: str, callback: Callable[[bytes], None]) -> None:
         """Hand a channel's payloads to ``callback`` instead of clients (the readiness probe)."""
         self._watchers[channel] = callback

@@ -63,10 +63,6 @@ class Outbox:
         """True while a write is under way: cancelling it may leave half a frame on the wire."""
 
     @property
-    def queued_bytes(self) -> int:
-        return self._size
-
-    @property
     def closing(self) -> bool:
         return self._closing
 

@@ -564,8 +564,32 @@ _HOST = b"127.0.0.1:12345"
 def test_without_an_allow_list_only_the_same_origin_may_connect(
     origin: bytes | None, host: bytes | None, allowed: bool
 ) -> None:
-    assert OriginPolicy().allows(origin, host) is allowed
-    assert OriginPolicy([]).allows(origin, host) is allowed
+    """Same-origin, for a Host the operator named (here chat.example.com) or loopback."""
+    public = OriginPolicy(public_hosts=["chat.example.com"])
+    assert public.allows(origin, host) is allowed
+    assert OriginPolicy([], public_hosts=["CHAT.example.com"]).allows(origin, host) is allowed
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        (b"http://rebind.evil.example:12345", b"rebind.evil.example:12345"),
+        (b"https://chat.example.com", b"chat.example.com"),  # not named by the operator
+        (b"http://192.168.1.5:12345", b"192.168.1.5:12345"),
+        (b"http://127.0.0.1.nip.io:12345", b"127.0.0.1.nip.io:12345"),
+    ],
+)
+def test_a_rebinding_page_cannot_pass_the_default_origin_check(origin: bytes, host: bytes) -> None:
+    """DNS rebinding makes Origin and Host agree on a name that resolves to us: without an
+    allow-list, only loopback Hosts and --public-host names are trusted."""
+    assert not OriginPolicy().allows(origin, host)
+
+
+@pytest.mark.parametrize(
+    "host", [b"localhost:12345", b"127.0.0.1:12345", b"127.9.9.9:12345", b"[::1]:12345"]
+)
+def test_loopback_hosts_are_trusted_without_configuration(host: bytes) -> None:
+    assert OriginPolicy().allows(b"http://" + host, host)
 
 
 _ALLOWED = ["https://chat.example.com", "http://localhost:8080", "https://*.example.org"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 _LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 _STARTUP_TIMEOUT = 30  # a busy 2-core CI machine can take seconds to import and bind
@@ -25,9 +27,11 @@ class GatewayProcess:
         node_id: str,
         extra: tuple[str, ...] = (),
         port: int = 0,
+        file_limit: int | None = None,
     ):
         """``port`` 0 picks a free one; a fixed port lets a replacement take over from a
-        killed gateway at the same address, as clients configured with its URL expect."""
+        killed gateway at the same address, as clients configured with its URL expect.
+        ``file_limit`` runs it under ``ulimit -n`` of that value (soft and hard)."""
         self.node_id = node_id
         argv = [sys.executable, "-m", "broadcast.gateway", "start", "--port", str(port)]
         argv += ["--node-id", node_id, "--log-level", "info", *extra]
@@ -36,7 +40,11 @@ class GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(
-            argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
+            argv,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=None if file_limit is None else _limit_files(file_limit),
         )
         self.log: deque[str] = deque(maxlen=2000)
         self.port = self._wait_for_port()
@@ -84,3 +92,10 @@ class GatewayProcess:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
+
+
+def _limit_files(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return apply

@@ -5,9 +5,8 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 
-import trio
-
-from broadcast.security import AddressLimit, OriginPolicy, TokenBucket, TokenVerifier
+from broadcast.gateway.budget import COMMAND_BURST, COMMAND_RATE_PER_SECOND, Rates
+from broadcast.security import AddressLimit, OriginPolicy, TokenVerifier
 
 # A person types a few messages a second; scripts and bots more. 50/s with a burst of 100 leaves
 # room for both and still bounds what one connection can make the cluster fan out. A client
@@ -25,6 +24,8 @@ class AccessPolicy:
     """When set, sessions must use TLS; plain HTTP health checks are still answered."""
     message_rate: float = MESSAGE_RATE_PER_SECOND
     message_burst: int = MESSAGE_BURST
+    command_rate: float = COMMAND_RATE_PER_SECOND
+    command_burst: int = COMMAND_BURST
     addresses: AddressLimit | None = None
     """Connections per client address. Off by default: behind a load balancer without the PROXY
     protocol every client has the balancer's address."""
@@ -33,7 +34,6 @@ class AccessPolicy:
     def auth_required(self) -> bool:
         return self.verifier is not None
 
-    def message_bucket(self) -> TokenBucket | None:
-        if self.message_rate <= 0:
-            return None
-        return TokenBucket(self.message_rate, self.message_burst, trio.current_time)
+    @property
+    def rates(self) -> Rates:
+        return Rates(self.message_rate, self.message_burst, self.command_rate, self.command_burst)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import trio
 
 from broadcast.protocol.http_request import (
@@ -28,13 +30,21 @@ def response(
     body: bytes,
     content_type: bytes = b"text/plain; charset=utf-8",
     extra_headers: bytes = b"",
+    *,
+    head_only: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection."""
-    reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 503: b"Service Unavailable"}
-    head = b"HTTP/1.1 %d %s\r\n" % (status, reason.get(status, b"Unknown"))
+    """A complete HTTP/1.1 response that closes the connection (no body for ``HEAD``)."""
+    head = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
     head += b"Content-Type: " + content_type + b"\r\nX-Content-Type-Options: nosniff\r\n"
     head += extra_headers
     head += b"Content-Length: %d\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n" % len(
         body
     )
-    return head + body
+    return head if head_only else head + body
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"

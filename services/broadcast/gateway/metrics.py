@@ -8,18 +8,30 @@ publish-to-delivery lag, is observed once per message per gateway, not per clien
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from broadcast.gateway.server import Gateway
+from broadcast.bus.base import Bus
+from broadcast.gateway.hub import ChannelHub
+from broadcast.gateway.stats import GatewayStats
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # From 1 ms (same machine) to 10 s (a stalled subscriber): where delivery lag is worth seeing.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Gateway(Protocol):
+    """What the metrics read of a gateway, at scrape time."""
+
+    stats: GatewayStats
+    hub: ChannelHub
+    bus: Bus
+
+    @property
+    def ready(self) -> bool: ...
 
 
 class GatewayMetrics:

@@ -4,25 +4,32 @@ Task tree (every task has an owner):
 
     Gateway.run
     ├── bus.run                       connections to Redis, or the in-process bus
-    ├── accept loop                   trio.serve_listeners, cancelled first when draining
+    ├── probe, presence, sweeps       readiness, presence refresh, idle checks
+    ├── accept loop                   cancelled first when draining
     └── handler nursery               one task per connection, bounded by the drain deadline
-        └── ClientSession.serve       a nursery with the session's writer and its reader
+        └── _handle                   admission (admission.py) under a deadline, then
+            └── ClientSession.serve   a nursery with the session's writer and its reader
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
-from wsproto.utilities import RemoteProtocolError
 
 from broadcast.bus.base import Bus, BusUnavailable
 from broadcast.gateway.access import AccessPolicy
-from broadcast.gateway.http import BadRequest, HttpRequest, read_request, response
+from broadcast.gateway.admission import Admission, Admitted
+from broadcast.gateway.budget import AddressAllowances
+from broadcast.gateway.context import SessionContext
+from broadcast.gateway.file_limit import fit_connections_to_file_limit
+from broadcast.gateway.http import HttpRequest, response
 from broadcast.gateway.hub import ChannelHub
 from broadcast.gateway.line_session import LineSession
 from broadcast.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -38,26 +45,31 @@ from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import (
     DEFAULT_CHANNEL,
     IDLE_TIMEOUT_SECONDS,
+    LINE_IDLE_TIMEOUT_SECONDS,
     MAX_CONNECTIONS,
-    SNIFF_TIMEOUT_SECONDS,
-)
-from broadcast.protocol.lines import render_error
-from broadcast.protocol.sniff import Kind, classify
-from broadcast.security import (
-    AuthError,
-    PrefixedStream,
-    could_be_tls,
-    looks_like_tls,
-    token_from_request,
 )
 
 log = logging.getLogger("broadcast.gateway")
 
-# A client that opened an HTTP request must finish its head (and a WebSocket its handshake) soon.
+# A connection must be admitted (TLS, its request head or WebSocket handshake, a line
+# client's /auth) within this; a silent line client is admitted after about a second.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 DRAIN_TIMEOUT_SECONDS = 10.0
-_SNIFF_BYTES = 16  # enough to tell "GET /" from a line
 EXPIRED_NOTICES_QUEUE = 1000
+# Connections still being admitted, at most; past it the oldest is dropped for the newest, so
+# sockets that never finish a handshake cannot keep out clients that would.
+MAX_PENDING_CONNECTIONS = 1024
+# Out of file descriptors, accept waits this long before trying again, and says so at most
+# once per interval (trio's own loop logs a traceback ten times a second).
+_ACCEPT_RETRY_SECONDS = 0.1
+_ACCEPT_WARNING_INTERVAL_SECONDS = 10.0
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# A closing connection reads (and drops) what its client still sends, this long and this much
+# at most, so the client reads our last words before the socket goes.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1 << 20
+# Methods the plain HTTP routes answer; anything else is 405 with this Allow.
+_READ_METHODS = (b"GET", b"HEAD")
 
 PresenceFactory = Callable[[OnExpired], PresenceStore]
 """Builds the presence store, given the gateway's callback for entries that expired."""
@@ -74,25 +86,47 @@ class Gateway:
         default_channel: str = DEFAULT_CHANNEL,
         drain_timeout: float = DRAIN_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
+        max_pending: int = MAX_PENDING_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        line_idle_timeout: float = LINE_IDLE_TIMEOUT_SECONDS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
         presence: PresenceFactory = lambda on_expired: MemoryPresence(),
         access: AccessPolicy | None = None,
+        admission: Callable[[Admission], None] | None = None,
     ) -> None:
         self.bus = bus
         self.node_id = node_id
         self.host = host
         self.port = port
-        self.default_channel = default_channel
         self.drain_timeout = drain_timeout
         self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
+        self.max_pending = max_pending
         self.handshake_timeout = handshake_timeout
         self.access = access or AccessPolicy()
         self.hub = ChannelHub(bus)
         self.stats = GatewayStats()
         self.probe = ReadinessProbe(bus, self.hub, node_id)
         self.presence = presence(self._presence_expired)
+        self.context = SessionContext(
+            bus=bus,
+            hub=self.hub,
+            presence=self.presence,
+            access=self.access,
+            stats=self.stats,
+            node_id=node_id,
+            default_channel=default_channel,
+            idle_timeout=idle_timeout,
+            line_idle_timeout=line_idle_timeout,
+            clock=trio.current_time,
+            address_allowances=(
+                None
+                if self.access.addresses is None
+                else AddressAllowances(self.access.rates, trio.current_time)
+            ),
+        )
+        self.admission = Admission(self.access, self.stats, self.answer_http)
+        if admission is not None:  # tests tune its timers
+            admission(self.admission)
         # Leave notices for a dead gateway's clients, published by a task; bounded, and a notice
         # that does not fit is only logged (presence itself is already right).
         self._expired_send, self._expired_receive = trio.open_memory_channel[tuple[str, str, str]](
@@ -102,14 +136,35 @@ class Gateway:
         self.hub.observe_lag = self.metrics.delivery_lag.observe
         self.draining = False
         self._sessions: set[ClientSession] = set()
+        self._pending: OrderedDict[int, trio.CancelScope] = OrderedDict()
         self._numbers = itertools.count(1)
         self._accept_scope = trio.CancelScope()
         self._stop_requested = trio.Event()
         self._stop_reason = "server shutting down"
+        self._accept_warned_at = -_ACCEPT_WARNING_INTERVAL_SECONDS
 
     @property
     def ready(self) -> bool:
         return self.bus.ready and self.probe.live and not self.draining
+
+    @property
+    def default_channel(self) -> str:
+        return self.context.default_channel
+
+    @property
+    def idle_timeout(self) -> float:
+        return self.context.idle_timeout
+
+    def connection_count(self) -> int:
+        """Clients with a session on this gateway."""
+        return len(self._sessions)
+
+    def disconnect_local(self, name: str, code: int, reason: str) -> int:
+        """Close every session of the user ``name`` here; how many there were."""
+        matched = [session for session in self._sessions if session.name == name]
+        for session in matched:
+            session.disconnect(code, reason)
+        return len(matched)
 
     def stop(self, reason: str = "server shutting down") -> None:
         """Begin a graceful drain; ``run`` returns once clients are gone or the drain times out."""
@@ -119,6 +174,9 @@ class Gateway:
     async def run(
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        self.max_connections, self.max_pending = fit_connections_to_file_limit(
+            self.max_connections, self.max_pending
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bus.run, self.hub.deliver)
             nursery.start_soon(self.probe.run)
@@ -128,7 +186,8 @@ class Gateway:
             listeners = await trio.open_tcp_listeners(self.port, host=self.host)
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as handlers:
-                nursery.start_soon(self._accept, listeners, handlers)
+                for listener in listeners:
+                    nursery.start_soon(self._accept, listener, handlers)
                 log.info(
                     "listening on %s:%d (WebSocket, lines and HTTP) as node %s; bus: %s",
                     self.host, self.port, self.node_id, self.bus.name,
@@ -157,8 +216,9 @@ class Gateway:
 
     async def _sweep_idle(self) -> None:
         """One task checks every client's liveness, rather than one timer task per client."""
+        interval = min(self.context.idle_timeout, self.context.line_idle_timeout) / 3
         while True:
-            await trio.sleep(self.idle_timeout / 3)
+            await trio.sleep(interval)
             now = trio.current_time()
             for session in list(self._sessions):
                 session.check_alive(now)
@@ -173,9 +233,30 @@ class Gateway:
         for session in list(self._sessions):
             session.shut_down(self._stop_reason)
 
-    async def _accept(self, listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
+    async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        """Accept until draining. Out of descriptors, wait and retry, warning once a while."""
         with self._accept_scope:
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self._warn_accept(exc)
+                    await trio.sleep(_ACCEPT_RETRY_SECONDS)
+                    continue
+                handlers.start_soon(self._handle, stream)
+
+    def _warn_accept(self, exc: OSError) -> None:
+        self.stats.count_error("accept_failed")
+        now = time.monotonic()
+        if now - self._accept_warned_at >= _ACCEPT_WARNING_INTERVAL_SECONDS:
+            self._accept_warned_at = now
+            log.warning(
+                "cannot accept connections: %s; retrying (raise ulimit -n or lower "
+                "--max-connections)",
+                exc.strerror or exc,
+            )
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         number = next(self._numbers)
@@ -185,8 +266,9 @@ class Gateway:
         counted = addresses is None or addresses.try_acquire(address)
         try:
             _enable_keepalive(stream)
-            session = await self._open_session(stream, number, self._refusal(counted))
-            if session is not None:
+            admitted = await self._admit(stream, number, self._refusal(counted))
+            if admitted is not None:
+                session = self._open_session(admitted, number, address)
                 self._sessions.add(session)
                 try:
                     await session.serve()
@@ -200,131 +282,91 @@ class Gateway:
             self.stats.connections_open -= 1
             if addresses is not None and counted:
                 addresses.release(address)
-            await trio.aclose_forcefully(stream)
+            await _close_gently(stream)
+
+    async def _admit(
+        self, stream: trio.SocketStream, number: int, refusal: ProtocolError | None
+    ) -> Admitted | None:
+        """Admission under the handshake deadline, as one of at most ``max_pending``."""
+        if len(self._pending) >= self.max_pending:
+            _, oldest = self._pending.popitem(last=False)
+            oldest.cancel()
+            self.stats.count_error("pending_evicted")
+        with trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout) as scope:
+            self._pending[number] = scope
+            try:
+                return await self.admission.admit(stream, refusal)
+            finally:
+                self._pending.pop(number, None)
+        self.stats.count_error("handshake_timeout")
+        return None
 
     def _refusal(self, address_admitted: bool) -> ProtocolError | None:
         """Why a new connection cannot have a session, if it cannot (health checks still can)."""
-        if self.stats.connections_open > self.max_connections:
-            error = ProtocolError(ErrorCode.SERVER_FULL, "this gateway is full; try another")
-        elif not address_admitted:
-            error = ProtocolError(
+        if len(self._sessions) >= self.max_connections:
+            return ProtocolError(ErrorCode.SERVER_FULL, "this gateway is full; try another")
+        if not address_admitted:
+            return ProtocolError(
                 ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address"
             )
+        return None
+
+    def _open_session(self, admitted: Admitted, number: int, address: str) -> ClientSession:
+        budget = self.context.budget(address)
+        session: ClientSession
+        if admitted.websocket is None:
+            session = LineSession(self.context, admitted.stream, number, budget, admitted.initial)
         else:
-            return None
-        self.stats.count_error(error.code)
-        return error
-
-    async def _open_session(
-        self, stream: trio.abc.Stream, number: int, refusal: ProtocolError | None
-    ) -> ClientSession | None:
-        """Tell the protocols apart by the first bytes; a silent client is a line client."""
-        initial = await self._sniff(stream)
-        if initial is None:
-            return None
-        tls = self.access.tls
-        if tls is not None and looks_like_tls(initial):
-            stream = trio.SSLStream(PrefixedStream(initial, stream), tls, server_side=True)
-            try:
-                with trio.fail_after(self.handshake_timeout):
-                    await stream.do_handshake()
-            except trio.TooSlowError:
-                self.stats.count_error("handshake_timeout")
-                return None
-            initial = await self._sniff(stream)
-            if initial is None:
-                return None
-        elif tls is not None and refusal is None:
-            refusal = ProtocolError(ErrorCode.TLS_REQUIRED, "this gateway takes TLS only: wss://")
-        if classify(initial) is not Kind.HTTP:
-            if refusal is not None:
-                await stream.send_all(render_error(refusal))
-                return None
-            return LineSession(self, stream, number, initial)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                return await self._handshake(stream, number, initial, refusal)
-        except trio.TooSlowError:
-            self.stats.count_error("handshake_timeout")
-            return None
-
-    async def _sniff(self, stream: trio.abc.Stream) -> bytes | None:
-        """The first bytes, enough to decide; None if the client left without a word."""
-        initial = b""
-        tls = self.access.tls is not None
-        with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
-            while classify(initial) is Kind.UNDECIDED or (tls and could_be_tls(initial)):
-                data = await stream.receive_some(_SNIFF_BYTES)
-                if not data:
-                    return None
-                initial += data
-        return initial
-
-    async def _handshake(
-        self,
-        stream: trio.abc.Stream,
-        number: int,
-        initial: bytes,
-        refusal: ProtocolError | None,
-    ) -> ClientSession | None:
-        """An HTTP request: a WebSocket upgrade becomes a session; anything else is answered."""
-        try:
-            request = await read_request(stream, initial)
-        except BadRequest as exc:
-            await stream.send_all(response(400, f"bad request: {exc}\n".encode()))
-            return None
-        if not request.wants_websocket:
-            await stream.send_all(self._answer_http(request))
-            return None
-        if refusal is not None:
-            status = _REFUSAL_STATUS.get(refusal.code, 503)
-            await stream.send_all(response(status, f"{refusal.code}: {refusal.message}\n".encode()))
-            return None
-        origin, host = request.header(b"origin"), request.header(b"host")
-        if not self.access.origins.allows(origin or None, host or None):
-            self.stats.count_error("forbidden_origin")
-            await stream.send_all(response(403, b"forbidden_origin: this page may not connect\n"))
-            return None
-        identity = None
-        if self.access.verifier is not None:
-            try:
-                token = token_from_request(request.headers, request.target)
-                identity = self.access.verifier.verify(token)
-            except AuthError as error:
-                self.stats.count_error(error.code)
-                body = f"{error.code}: {error.message}\n".encode()
-                await stream.send_all(response(error.http_status, body))
-                return None
-        try:
-            session = await WebSocketSession.accept(
-                self, stream, number, request.headers, request.target, request.trailing
+            session = WebSocketSession(
+                self.context, admitted.stream, number, budget, admitted.websocket
             )
-        except RemoteProtocolError as exc:
-            await stream.send_all(response(400, f"bad WebSocket handshake: {exc}\n".encode()))
-            return None
-        if identity is not None:
-            session.apply_identity(identity)
+        if admitted.identity is not None:
+            session.apply_identity(admitted.identity)
         return session
 
-    def _answer_http(self, request: HttpRequest) -> bytes:
+    async def answer_http(self, request: HttpRequest, stream: trio.abc.Stream) -> bytes:
+        """A plain HTTP request: health, readiness, metrics, the page; 405 for other methods."""
         path = request.target.split(b"?", 1)[0]
+        if request.method not in _READ_METHODS:
+            return response(
+                405,
+                b"method not allowed\n",
+                extra_headers=b"Allow: GET, HEAD\r\n",
+            )
+        head_only = request.method == b"HEAD"
         if path == b"/healthz":
-            return response(200, b"ok\n")
+            return response(200, b"ok\n", head_only=head_only)
         if path == b"/readyz":
             if self.ready:
-                return response(200, b"ready\n")
+                return response(200, b"ready\n", head_only=head_only)
             why = b"draining" if self.draining else b"no round trip through the bus"
-            return response(503, b"not ready: " + why + b"\n")
+            return response(503, b"not ready: " + why + b"\n", head_only=head_only)
         if (static := static_file(path)) is not None:
             content, content_type = static
             csp = b"Content-Security-Policy: " + CONTENT_SECURITY_POLICY + b"\r\n"
-            return response(200, content, content_type, csp)
+            return response(200, content, content_type, csp, head_only=head_only)
         if path == b"/metrics":
-            return response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
-        return response(404, b"not found; WebSocket clients connect to /\n")
+            return response(200, self.metrics.render(), METRICS_CONTENT_TYPE, head_only=head_only)
+        return response(404, b"not found; WebSocket clients connect to /\n", head_only=head_only)
 
 
-_REFUSAL_STATUS = {ErrorCode.TOO_MANY_CONNECTIONS: 429, ErrorCode.TLS_REQUIRED: 403}
+async def _close_gently(stream: trio.SocketStream) -> None:
+    """Send FIN, then read and drop what the client still sends, briefly, before closing.
+
+    Closing a socket with unread input makes the kernel send RST, and a client that gets RST
+    throws away what it had not read yet: the 405 to a POST whose body we ignored, the close
+    frame (4008, 4029) of a client cut while it was still sending.
+    """
+    with trio.move_on_after(_LINGER_SECONDS) as scope:
+        scope.shield = True
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < _LINGER_BYTES and (data := await stream.receive_some(65536)):
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 def _peer_address(stream: trio.SocketStream) -> str:

@@ -2,27 +2,26 @@
 
 A session owns one nursery holding its writer and its reader. The fan-out reaches it only
 through ``send`` (a push onto the bounded outbox); leaving is done in ``finally``, shielded and
-bounded, so a cancelled or crashed connection still says goodbye to its channel.
+bounded, so a cancelled or crashed connection still says goodbye to its channel. Every command
+a client sends is charged to its budget (``budget.py``) before it is carried out.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import trio
 
 from broadcast.bus.base import BusUnavailable
+from broadcast.gateway.budget import ClientBudget, TooManyRequests
+from broadcast.gateway.context import SessionContext
 from broadcast.gateway.outbox import Outbox, socket_direct_write
 from broadcast.protocol.commands import Recovery
 from broadcast.protocol.envelope import event_payload, message_body, parse_id, payload_id
-from broadcast.protocol.errors import ErrorCode, ProtocolError
-from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES
+from broadcast.protocol.errors import CloseCode, ErrorCode, ProtocolError
+from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES, RECOVERY_LIMIT
 from broadcast.security import AuthCode, AuthError, Identity
-
-if TYPE_CHECKING:
-    from broadcast.gateway.server import Gateway
 
 log = logging.getLogger("broadcast.gateway.session")
 
@@ -36,13 +35,16 @@ RECEIVE_BYTES = 65536
 class ClientSession:
     speaks_websocket = False
 
-    def __init__(self, gateway: Gateway, stream: trio.abc.Stream, number: int) -> None:
-        self.gateway = gateway
+    def __init__(
+        self, ctx: SessionContext, stream: trio.abc.Stream, number: int, budget: ClientBudget
+    ) -> None:
+        self.ctx = ctx
         self.stream = stream
         self.number = number
-        self.origin = f"{gateway.node_id}/{number}"
+        self.budget = budget
+        self.origin = f"{ctx.node_id}/{number}"
         self.name = f"guest-{number}"
-        self.channel = gateway.default_channel
+        self.channel = ctx.default_channel
         self.echo = False
         self.channel_asked = False
         """Whether the client named its channel (then being moved elsewhere is an error)."""
@@ -56,12 +58,12 @@ class ClientSession:
         """What to replay on joining, as asked in the handshake."""
         self.identity: Identity | None = None
         """Who a verified token says this client is; None while authentication is off."""
-        self._messages = gateway.access.message_bucket()
         self.held: list[tuple[str | None, bytes]] | None = None
         """Live deliveries kept back while history is replayed, so the client sees one order."""
         self._held_bytes = 0
         self._scope: trio.CancelScope | None = None
         self._joined = False
+        self.last_heard = ctx.clock()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.origin} {self.name}@{self.channel}>"
@@ -77,7 +79,7 @@ class ClientSession:
             log.warning(
                 "%s is too slow (over %d bytes unsent): disconnecting", self, OUTBOX_LIMIT_BYTES
             )
-            self.gateway.stats.slow_disconnects += 1
+            self.ctx.stats.slow_disconnects += 1
         if self._scope is not None:
             self._scope.cancel()
 
@@ -85,14 +87,15 @@ class ClientSession:
 
     async def serve(self) -> None:
         """Run the session to its end: greet, join, read until the client or gateway ends it."""
-        if not await self.authenticate():
-            return
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 self._nursery = nursery
+                await self.start()
                 if self.identity is not None:
                     nursery.start_soon(self._end_when_token_expires, self.identity)
+                if self.recovery is not None:
+                    self._charge_replay(self.recovery)
                 await self.join(self.recovery, greeting=True)
                 await self.read_until_done()
                 self.outbox.close(self.goodbye())
@@ -105,17 +108,15 @@ class ClientSession:
                     with trio.move_on_after(1):
                         await self.stream.send_all(self.slow_notice())
 
-    async def authenticate(self) -> bool:
-        """Protocol-specific: settle who the client is before it joins; False ends the session.
-        (WebSocket clients are authenticated in the handshake.)"""
-        return True
+    async def start(self) -> None:
+        """Protocol-specific: what must be said before the session joins (the 101)."""
 
     def apply_identity(self, identity: Identity) -> None:
         """A verified token names the client and bounds where it may go."""
         self.identity = identity
         self.name = identity.name
         if not identity.allows(self.channel):
-            asked, self.channel = self.channel, identity.pick_channel(self.gateway.default_channel)
+            asked, self.channel = self.channel, identity.pick_channel(self.ctx.default_channel)
             if self.channel_asked:
                 self.refuse_later(
                     ProtocolError(
@@ -125,10 +126,10 @@ class ClientSession:
                 )
 
     async def _end_when_token_expires(self, identity: Identity) -> None:
-        verifier = self.gateway.access.verifier
+        verifier = self.ctx.access.verifier
         leeway = verifier.leeway if verifier is not None else 0.0
         await trio.sleep(identity.seconds_left(time.time(), leeway))
-        self.gateway.stats.count_error(AuthCode.TOKEN_EXPIRED)
+        self.ctx.stats.count_error(AuthCode.TOKEN_EXPIRED)
         self.outbox.close(
             self.unauthorized(AuthError(AuthCode.TOKEN_EXPIRED, "your token expired"))
         )
@@ -157,14 +158,79 @@ class ClientSession:
         """The gateway is draining: tell the client to go elsewhere, then end the session."""
         self.outbox.close(self.drain_notice(reason))
 
+    def disconnect(self, code: int, reason: str) -> None:
+        """Close this client with ``code`` (an operator's disconnect, a client cut for abuse)."""
+        self.outbox.close(self.close_notice(code, reason))
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    def refuse(self, error: ProtocolError) -> None:
+        """Tell the client its input was refused. Rate-limit refusals count as strikes; a
+        client that keeps going after being told is cut (4029, ``too_many_errors``)."""
+        self.ctx.stats.count_error(error.code)
+        if error.code is not ErrorCode.RATE_LIMITED:
+            try:
+                self.budget.charge_command()
+            except ProtocolError as limited:
+                error = limited
+            except TooManyRequests:
+                self._cut()
+                return
+        self.send(self.error_bytes(error))
+
+    def _cut(self) -> None:
+        self.ctx.stats.count_error(ErrorCode.TOO_MANY_ERRORS)
+        log.info("%s kept going over its limits after being told: disconnecting", self)
+        self.disconnect(
+            CloseCode.TOO_MANY_REQUESTS, "too_many_errors: you kept going after rate_limited"
+        )
+
+    def charge(
+        self, *, message: bool = False, replay: Recovery | None = None, ref: str | None = None
+    ) -> bool:
+        """Charge one message, or one command (and a replay's size); False when refused (the
+        client was told, or cut)."""
+        try:
+            if message:
+                self.budget.charge_message()
+            elif replay is not None:
+                self.budget.charge_replay(_replay_size(replay))
+            else:
+                self.budget.charge_command()
+        except ProtocolError as error:
+            error.ref = ref
+            self.ctx.stats.count_error(error.code)
+            self.send(self.error_bytes(error))
+            return False
+        except TooManyRequests:
+            self._cut()
+            return False
+        return True
+
+    def _charge_replay(self, recovery: Recovery) -> None:
+        """A replay costs by its size; over budget, the join goes on without it."""
+        try:
+            self.budget.charge_replay(_replay_size(recovery))
+        except (ProtocolError, TooManyRequests):
+            self.refuse_later(
+                ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    "too many replays; reconnect later with since= to recover",
+                    retry_after=1.0,
+                )
+            )
+            self.recovery = None
+
+    # -- channel membership ----------------------------------------------------------------
+
     async def join(self, recovery: Recovery | None = None, *, greeting: bool = False) -> None:
         """Subscribe, then greet, then replay, then go live: the client sees them in that order,
         and everything published after its greeting reaches it."""
         self.held = []
-        await self.gateway.hub.add(self)
+        await self.ctx.hub.add(self)
         self._joined = True
         if self.announce:
-            await self.gateway.presence.enter(self.channel, self.origin, self.name)
+            await self.ctx.presence.enter(self.channel, self.origin, self.name)
         if greeting:
             self.greet()
         await self._release_held(recovery)
@@ -188,7 +254,7 @@ class ClientSession:
         complete = True
         if recovery is not None:
             try:
-                history = await self.gateway.bus.history(
+                history = await self.ctx.bus.history(
                     self.channel, after=recovery.since, last=recovery.last
                 )
                 messages, complete = history.messages, history.complete
@@ -210,9 +276,9 @@ class ClientSession:
         if not self._joined:
             return
         self._joined = False
-        await self.gateway.hub.remove(self)
+        await self.ctx.hub.remove(self)
         if self.announce:
-            await self.gateway.presence.leave(self.channel, self.origin)
+            await self.ctx.presence.leave(self.channel, self.origin)
         await self._announce("leave")
 
     async def change_identity(
@@ -234,7 +300,7 @@ class ClientSession:
             await self._announce("leave")
             self.name = new_name
             if self.announce:
-                await self.gateway.presence.enter(self.channel, self.origin, self.name)
+                await self.ctx.presence.enter(self.channel, self.origin, self.name)
             await self._announce("join")
 
     async def _announce(self, kind: str) -> None:
@@ -242,33 +308,37 @@ class ClientSession:
             return
         payload = event_payload(kind, self.channel, self.name, round(time.time(), 3), self.origin)
         try:
-            await self.gateway.bus.publish_event(self.channel, payload)
+            await self.ctx.bus.publish_event(self.channel, payload)
         except BusUnavailable:
             log.info("%s: %s notice not sent, the bus is unavailable", self, kind)
 
     async def publish(self, text: str) -> str:
-        """Publish through the bus; the id is Redis's. Raises ProtocolError when not accepted."""
-        if self._messages is not None and not self._messages.try_take():
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED,
-                f"too many messages; try again in {self._messages.retry_after():.1f} s",
-            )
+        """Publish through the bus; the id is Redis's. Raises ProtocolError when not accepted.
+        The caller has charged the message to the budget."""
         body = message_body(self.channel, self.name, text, round(time.time(), 3), self.origin)
         try:
-            message_id = await self.gateway.bus.publish_message(self.channel, body)
+            message_id = await self.ctx.bus.publish_message(self.channel, body)
         except BusUnavailable as exc:
-            self.gateway.stats.publish_failures += 1
+            self.ctx.stats.publish_failures += 1
             raise ProtocolError(
                 ErrorCode.BUS_UNAVAILABLE, f"message not accepted, try again: {exc}"
             ) from None
-        self.gateway.stats.messages_in += 1
+        self.ctx.stats.messages_in += 1
         return message_id
+
+    async def who(self) -> list[str]:
+        """Who is in this client's channel, on every gateway."""
+        try:
+            return await self.ctx.presence.members(self.channel)
+        except BusUnavailable:
+            raise ProtocolError(
+                ErrorCode.BUS_UNAVAILABLE, "presence is unavailable, try again"
+            ) from None
 
     # -- protocol-specific -----------------------------------------------------------------
 
     def check_alive(self, now: float) -> None:
-        """Protocol-specific liveness, from the gateway's periodic sweep (nothing by default:
-        line clients rely on TCP keepalive, since nc cannot answer pings)."""
+        """Protocol-specific liveness, from the gateway's periodic sweep."""
 
     def greet(self) -> None:
         """The first thing a client gets, before any channel traffic."""
@@ -276,17 +346,12 @@ class ClientSession:
     async def joined(self) -> None:
         """Called once the client is in its channel (after any replay)."""
 
-    async def who(self) -> list[str]:
-        """Who is in this client's channel, on every gateway."""
-        try:
-            return await self.gateway.presence.members(self.channel)
-        except BusUnavailable:
-            raise ProtocolError(
-                ErrorCode.BUS_UNAVAILABLE, "presence is unavailable, try again"
-            ) from None
-
     def render_payload(self, payload: bytes) -> bytes:
         """One bus payload as this client reads it (a replay; live fan-out encodes in the hub)."""
+        raise NotImplementedError
+
+    def error_bytes(self, error: ProtocolError) -> bytes:
+        """A refusal as this client reads it."""
         raise NotImplementedError
 
     def recovered(self, count: int, complete: bool) -> None:
@@ -313,3 +378,12 @@ class ClientSession:
     def drain_notice(self, reason: str) -> bytes:
         """The last bytes for a client when the gateway drains."""
         return b""
+
+    def close_notice(self, code: int, reason: str) -> bytes:
+        """The last bytes for a client closed with ``code``."""
+        return b""
+
+
+def _replay_size(recovery: Recovery) -> int:
+    """Messages a replay may send: the count asked for, or up to the recovery limit."""
+    return recovery.last if recovery.since is None else RECOVERY_LIMIT

@@ -8,21 +8,21 @@ every client of the channel.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
     Ping,
-    Request,
     TextMessage,
 )
 
+from broadcast.gateway.admission import WebSocketHandshake
+from broadcast.gateway.budget import ClientBudget
+from broadcast.gateway.context import SessionContext
 from broadcast.gateway.session import RECEIVE_BYTES, ClientSession
 from broadcast.protocol import commands
 from broadcast.protocol.envelope import encode
@@ -37,9 +37,6 @@ from broadcast.protocol.websocket_frames import (
 )
 from broadcast.security import AuthError
 
-if TYPE_CHECKING:
-    from broadcast.gateway.server import Gateway
-
 log = logging.getLogger("broadcast.gateway.websocket")
 
 
@@ -48,41 +45,32 @@ class WebSocketSession(ClientSession):
 
     def __init__(
         self,
-        gateway: Gateway,
+        ctx: SessionContext,
         stream: trio.abc.Stream,
         number: int,
-        connection: Connection,
-        resource: str,
+        budget: ClientBudget,
+        handshake: WebSocketHandshake,
     ) -> None:
-        super().__init__(gateway, stream, number)
-        self._ws = connection
+        super().__init__(ctx, stream, number, budget)
+        self._handshake: WebSocketHandshake | None = handshake
+        self._ws: Connection | None = None
         self._query_errors: list[ProtocolError] = []
-        self._apply_query(resource)
-        self._last_heard = trio.current_time()
+        self._apply_query(handshake.target)
         self._fragments: list[str] = []
         self._fragment_bytes = 0
 
-    @classmethod
-    async def accept(
-        cls,
-        gateway: Gateway,
-        stream: trio.abc.Stream,
-        number: int,
-        headers: list[tuple[bytes, bytes]],
-        target: bytes,
-        trailing: bytes,
-    ) -> WebSocketSession:
-        """Complete the handshake of an upgrade request the HTTP layer has already read."""
-        connection = WSConnection(ConnectionType.SERVER)
-        connection.initiate_upgrade_connection(headers, target)
-        request = next(e for e in connection.events() if isinstance(e, Request))
-        await stream.send_all(connection.send(AcceptConnection(extensions=[])))
-        # Keep only the frame parser: the handshake's h11 objects are ~3.5 KiB per client.
-        frames = connection.handshake.connection
+    async def start(self) -> None:
+        """Send the 101, then keep only wsproto's frame parser: the handshake's h11 objects
+        are ~3.5 KiB per client."""
+        handshake, self._handshake = self._handshake, None
+        assert handshake is not None
+        await self.stream.send_all(handshake.connection.send(AcceptConnection(extensions=[])))
+        frames = handshake.connection.handshake.connection
         assert frames is not None  # accepting the request made it
-        if trailing:
-            frames.receive_data(trailing)
-        return cls(gateway, stream, number, frames, request.target)
+        if handshake.trailing:
+            frames.receive_data(handshake.trailing)
+        self._ws = frames
+        self.last_heard = self.ctx.clock()
 
     def _apply_query(self, resource: str) -> None:
         """``ws://host:port/?name=alice&channel=general`` names the client before it joins.
@@ -118,16 +106,19 @@ class WebSocketSession(ClientSession):
             {
                 "type": "welcome",
                 "protocol": PROTOCOL_VERSION,
-                "node": self.gateway.node_id,
+                "node": self.ctx.node_id,
                 "origin": self.origin,
                 "name": self.name,
                 "channel": self.channel,
-                "limits": {"text_bytes": MAX_TEXT_BYTES, "frame_bytes": MAX_FRAME_BYTES},
+                "limits": {
+                    "text_bytes": MAX_TEXT_BYTES,
+                    "frame_bytes": MAX_FRAME_BYTES,
+                    **self.ctx.access.rates.limits(),
+                },
             }
         )
 
-    def _refuse(self, error: ProtocolError) -> None:
-        self.gateway.stats.count_error(error.code)
+    def error_bytes(self, error: ProtocolError) -> bytes:
         event: dict[str, object] = {
             "type": "error",
             "code": str(error.code),
@@ -135,20 +126,25 @@ class WebSocketSession(ClientSession):
         }
         if error.ref is not None:
             event["ref"] = error.ref
-        self.send_event(event)
+        if error.retry_after is not None:
+            event["retry_after"] = error.retry_after
+        return encode_text_frame(encode(event).encode())
 
     def greet(self) -> None:
         self._welcome()
         for error in self._query_errors:
-            self._refuse(error)
+            self.ctx.stats.count_error(error.code)
+            self.send(self.error_bytes(error))
 
     def check_alive(self, now: float) -> None:
         """Ping a quiet client; close one that has said nothing, not even a pong, for too long.
         Called by the gateway's sweep, every third of the idle timeout."""
-        idle_timeout = self.gateway.idle_timeout
-        quiet_for = now - self._last_heard
+        if self._ws is None:
+            return
+        idle_timeout = self.ctx.idle_timeout
+        quiet_for = now - self.last_heard
         if quiet_for >= idle_timeout:
-            self.gateway.stats.count_error("idle_timeout")
+            self.ctx.stats.count_error("idle_timeout")
             self.outbox.close(encode_close_frame(CloseCode.IDLE, "idle: no reply to ping"))
         elif quiet_for >= idle_timeout / 3:
             self.send(encode_ping_frame(b"keepalive"))
@@ -164,15 +160,17 @@ class WebSocketSession(ClientSession):
     async def read_until_done(self) -> None:
         if await self._handle_events():
             return
+        assert self._ws is not None
         while True:
             data = await self.stream.receive_some(RECEIVE_BYTES)
-            self._last_heard = trio.current_time()
+            self.last_heard = self.ctx.clock()
             self._ws.receive_data(data or None)
             if await self._handle_events() or not data:
                 return
 
     async def _handle_events(self) -> bool:
         """Act on what wsproto parsed; True once the connection is over."""
+        assert self._ws is not None
         for event in self._ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 if self._collect(event):
@@ -180,7 +178,8 @@ class WebSocketSession(ClientSession):
                 if event.message_finished:
                     await self._handle_message(event)
             elif isinstance(event, Ping):
-                self.send(encode_pong_frame(event.payload))
+                if self.charge():
+                    self.send(encode_pong_frame(event.payload))
             elif isinstance(event, CloseConnection):
                 self.outbox.close(encode_close_frame(event.code))
                 return True
@@ -188,10 +187,12 @@ class WebSocketSession(ClientSession):
 
     def _collect(self, event: TextMessage | BytesMessage) -> bool:
         """Gather a fragmented message; True when it grew past the frame limit (closes 1009)."""
-        size = len(event.data)
+        data = event.data
+        # Bytes, not characters: four-byte emoji count four times.
+        size = len(data) if isinstance(data, bytes | bytearray) else len(data.encode("utf-8"))
         self._fragment_bytes += size
         if self._fragment_bytes > MAX_FRAME_BYTES:
-            self.gateway.stats.count_error("frame_too_large")
+            self.ctx.stats.count_error("frame_too_large")
             self.outbox.close(
                 encode_close_frame(CloseCode.MESSAGE_TOO_BIG, f"frame over {MAX_FRAME_BYTES} bytes")
             )
@@ -205,7 +206,7 @@ class WebSocketSession(ClientSession):
         self._fragments.clear()
         self._fragment_bytes = 0
         if isinstance(event, BytesMessage):
-            self._refuse(
+            self.refuse(
                 ProtocolError(
                     ErrorCode.BINARY_NOT_SUPPORTED, "send text frames (UTF-8 JSON or text)"
                 )
@@ -214,14 +215,23 @@ class WebSocketSession(ClientSession):
         try:
             command = commands.parse_frame(text)
         except ProtocolError as error:
-            self._refuse(error)
+            self.refuse(error)
+            return
+        if not self._charge(command):
             return
         try:
             await self._run(command)
         except ProtocolError as error:
             if isinstance(command, commands.Publish):
                 error.ref = command.ref
-            self._refuse(error)
+            self.refuse(error)
+
+    def _charge(self, command: commands.Command) -> bool:
+        if isinstance(command, commands.Publish):
+            return self.charge(message=True, ref=command.ref)
+        if isinstance(command, commands.Hello):
+            return self.charge(replay=command.recovery)
+        return self.charge()
 
     async def _run(self, command: commands.Command) -> None:
         if isinstance(command, commands.Publish):
@@ -243,7 +253,7 @@ class WebSocketSession(ClientSession):
         try:
             await self._send_presence()
         except ProtocolError as error:
-            self._refuse(error)
+            self.refuse(error)
 
     async def _send_presence(self) -> None:
         members = await self.who()
@@ -263,3 +273,6 @@ class WebSocketSession(ClientSession):
 
     def slow_notice(self) -> bytes:
         return encode_close_frame(CloseCode.SLOW, "slow: outgoing queue over its limit")
+
+    def close_notice(self, code: int, reason: str) -> bytes:
+        return encode_close_frame(code, reason)

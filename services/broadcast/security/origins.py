@@ -15,14 +15,17 @@ The rules (``OriginPolicy.allows``):
   explicit (``https://a.example`` is ``https://a.example:443``), or match a wildcard entry
   ``https://*.example.com`` (any subdomain, at any depth, but not ``example.com`` itself).
   ``*`` alone allows every origin: it turns the check off, for deployments that want that.
-- No allow-list: same-origin only. The Origin's host and port must be the ``Host`` the
-  browser connected to, so the gateway's own web page works and every other site is
-  refused. This is the safe default; a gateway behind a proxy that rewrites ``Host`` needs
-  an allow-list.
+- No allow-list: same-origin only, and only for a ``Host`` a rebinding page cannot choose.
+  The Origin's host and port must be the ``Host`` the browser connected to, so the gateway's
+  own web page works and every other site is refused. Both headers come from the browser, and
+  a DNS-rebinding page (evil.example resolving to 127.0.0.1) makes them agree, so the Host
+  must also be loopback (``localhost``, ``127.0.0.0/8``, ``[::1]``) or a name the operator
+  gave (``--public-host``). Behind a proxy that rewrites ``Host``, use an allow-list.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -64,11 +67,14 @@ class OriginPolicy:
     silently refusing (or allowing) browsers.
     """
 
-    def __init__(self, allowed: list[str] | None = None) -> None:
+    def __init__(
+        self, allowed: list[str] | None = None, public_hosts: list[str] | None = None
+    ) -> None:
         entries = [entry.strip() for entry in allowed or [] if entry.strip()]
         self.any_origin = ANY_ORIGIN in entries
         self._entries = [_parse_entry(entry) for entry in entries if entry != ANY_ORIGIN]
         self.same_origin_only = not entries
+        self.public_hosts = frozenset(_parse_public_host(host) for host in public_hosts or [])
 
     def allows(self, origin_header: bytes | None, host_header: bytes | None) -> bool:
         """Whether a handshake with these ``Origin`` and ``Host`` header values may go on."""
@@ -80,8 +86,28 @@ class OriginPolicy:
         if origin is None:  # "null" (sandboxed frames, file://), or garbage: never a match
             return False
         if self.same_origin_only:
-            return _same_origin(origin, host_header)
+            return _same_origin(origin, host_header) and self._trusted_host(origin.host)
         return any(entry.matches(origin) for entry in self._entries)
+
+    def _trusted_host(self, host: str) -> bool:
+        return _is_loopback(host) or host in self.public_hosts
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_public_host(host: str) -> str:
+    """A ``--public-host`` value: a host name as browsers put it in ``Host`` (no port)."""
+    split = _split(f"http://{host.strip()}")
+    if split is None or not host.strip():
+        raise ValueError(f"public host {host!r} is not a host name like chat.example.com")
+    return split[1]
 
 
 def _split(text: str) -> tuple[str, str, int | None] | None:

@@ -1,0 +1,38 @@
+"""What a session may use of its gateway: a small immutable context instead of the Gateway.
+
+Sessions publish, join and count through this; they never see the accept loop, the drain or
+the other sessions, so the gateway's modules import in one direction only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broadcast.bus.base import Bus
+from broadcast.gateway.access import AccessPolicy
+from broadcast.gateway.budget import AddressAllowances, ClientBudget
+from broadcast.gateway.hub import ChannelHub
+from broadcast.gateway.stats import GatewayStats
+from broadcast.presence import PresenceStore
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    bus: Bus
+    hub: ChannelHub
+    presence: PresenceStore
+    access: AccessPolicy
+    stats: GatewayStats
+    node_id: str
+    default_channel: str
+    idle_timeout: float
+    """A WebSocket client is pinged after a third of it and closed after all of it."""
+    line_idle_timeout: float
+    """A line client (which cannot answer pings) is asked to speak, then closed, after it."""
+    clock: Callable[[], float]
+    address_allowances: AddressAllowances | None = None
+
+    def budget(self, address: str) -> ClientBudget:
+        shared = None if self.address_allowances is None else self.address_allowances.get(address)
+        return ClientBudget(self.access.rates, self.clock, shared)

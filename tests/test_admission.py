@@ -82,7 +82,7 @@ async def raw_exchange(port: int, data: bytes, *, delay: float = 0.0) -> bytes:
 async def assert_nothing_published(listener: WsClient) -> None:
     """The listener's next event after a ping is the pong: nothing reached the channel."""
     await listener.send_json({"type": "ping"})
-    event = await listener.expect("pong", skip=("join", "leave", "presence"))
+    event = await listener.expect("pong")
     assert event == {"type": "pong"}
 
 
@@ -323,7 +323,7 @@ async def test_addresses_share_an_allowance_when_counted(start_gateway: StartGat
 async def test_a_silent_line_client_is_asked_then_closed(start_gateway: StartGateway) -> None:
     gateway = await start_gateway(gateway_options={"line_idle_timeout": 0.6})
     async with line_client(gateway.port) as client:
-        nudge = await client.line_not_starting("* welcome")
+        nudge = await client.line_not_starting("* welcome", "* guest")
         assert nudge.startswith("* still there?")
         assert "idle" in (await client.closed()).decode()
 

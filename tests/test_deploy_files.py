@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from broadcast.gateway.command import build_parser
 from broadcast.gateway.server import DRAIN_TIMEOUT_SECONDS
 from broadcast.protocol.limits import DEFAULT_PORT
 
@@ -297,31 +299,85 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
 
 
 # -- deploy/k8s ----------------------------------------------------------------------------------
+#
+# Three kustomizations: base/ (the gateways), the directory itself (base/ and a disposable Redis,
+# for trying) and production/ (base/ with TLS, Secrets and an Ingress). They are rendered here by a
+# small kustomize of our own (resources and JSON 6902 patches are all they use), so no binary is
+# needed; where kubectl is installed its rendering must agree.
+
+TRIAL, PRODUCTION = K8S, K8S / "production"
+# What the Ingress may route from outside: the web page, its files and the WebSocket endpoint.
+PUBLIC_PATHS = {"/", "/index.html", "/app.js", "/style.css"}
+
+Manifests = dict[tuple[str, str], dict[str, Any]]
 
 
-def _manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    """Every resource of the kustomization, by (kind, name)."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    for name in kustomization["resources"]:
-        for doc in yaml.safe_load_all((K8S / name).read_text()):
+def _render(directory: Path) -> Manifests:
+    """Every resource of the kustomization in ``directory``, by (kind, name), patches applied."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    found: Manifests = {}
+    for resource in kustomization["resources"]:
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            found.update(_render(path))
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 found[(doc["kind"], doc["metadata"]["name"])] = doc
+    for patch in kustomization.get("patches", []):
+        target = found[(patch["target"]["kind"], patch["target"]["name"])]
+        for operation in yaml.safe_load((directory / patch["path"]).read_text()):
+            _apply(target, operation)
     return found
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert kustomization["kind"] == "Kustomization"
-    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == files
-    assert files >= {"redis.yaml", "gateway.yaml", "service.yaml", "pdb.yaml"}
+def _apply(doc: dict[str, Any], operation: dict[str, Any]) -> None:
+    """One JSON 6902 operation (add, replace, test: all the patches here use)."""
+    *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in
+                      operation["path"].lstrip("/").split("/")]  # fmt: skip
+    node: Any = doc
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    op, value = operation["op"], operation.get("value")
+    if op == "test":
+        current = node[int(last)] if isinstance(node, list) else node[last]
+        assert current == value, f"patch test failed at {operation['path']}: {current!r}"
+    elif op == "add" and isinstance(node, list):
+        node.insert(len(node) if last == "-" else int(last), value)
+    elif op in ("add", "replace"):
+        key = int(last) if isinstance(node, list) else last
+        if op == "replace":
+            node[key]  # replace needs the member to exist: KeyError or IndexError if not
+        node[key] = value
+    else:
+        raise AssertionError(f"unsupported patch operation {op!r}")
+
+
+def _manifests(directory: Path = TRIAL) -> Manifests:
+    return _render(directory)
+
+
+@pytest.mark.parametrize("directory", [K8S / "base", TRIAL, PRODUCTION], ids=lambda p: p.name)
+def test_kustomization_uses_every_file_of_its_directory(directory: Path) -> None:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    used = {str(r) for r in kustomization["resources"]}
+    used |= {p["path"] for p in kustomization.get("patches", [])}
+    files = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
+    assert files <= used, f"not in {directory.name}/kustomization.yaml: {files - used}"
     assert (K8S / "README.md").is_file()
 
 
+def test_the_trial_kustomization_is_the_base_plus_a_redis() -> None:
+    trial, base = _render(TRIAL), _render(K8S / "base")
+    assert set(trial) - set(base) == {("Deployment", "redis"), ("Service", "redis")}
+    assert ("Deployment", "redis") not in _render(PRODUCTION)
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_kubernetes_manifests_validate_against_the_schemas(version: str) -> None:
-    manifests = _manifests()
+@pytest.mark.parametrize("directory", [TRIAL, PRODUCTION], ids=lambda p: p.name)
+def test_kubernetes_manifests_validate_against_the_schemas(directory: Path, version: str) -> None:
+    manifests = _render(directory)
     assert manifests
     for (kind, name), doc in manifests.items():
         try:
@@ -331,8 +387,25 @@ def test_kubernetes_manifests_validate_against_the_schemas(version: str) -> None
             pytest.fail(f"{kind}/{name} against Kubernetes {version}: {path}: {exc.message}")
 
 
-def _gateway() -> tuple[dict[str, Any], dict[str, Any]]:
-    deployment = _manifests()[("Deployment", "broadcast-gateway")]
+@pytest.mark.parametrize("directory", [TRIAL, PRODUCTION], ids=lambda p: p.name)
+def test_our_rendering_agrees_with_kubectl_kustomize(directory: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    theirs: Manifests = {}
+    for doc in yaml.safe_load_all(result.stdout):
+        # kustomize adds the `labels:` of the kustomization; our rendering leaves them out.
+        doc["metadata"].get("labels", {}).pop("app.kubernetes.io/part-of", None)
+        theirs[(doc["kind"], doc["metadata"]["name"])] = doc
+    assert theirs == _render(directory)
+
+
+def _gateway(directory: Path = TRIAL) -> tuple[dict[str, Any], dict[str, Any]]:
+    deployment = _render(directory)[("Deployment", "broadcast-gateway")]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return deployment, container
 
@@ -393,3 +466,153 @@ def test_kubernetes_service_and_pdb_select_the_gateway_pods() -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     spec = pdb["spec"]
     assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable") == 2
+
+
+@pytest.mark.parametrize("directory", [TRIAL, PRODUCTION], ids=lambda p: p.name)
+def test_kubernetes_services_stay_inside_the_cluster(directory: Path) -> None:
+    """The gateway's port also answers /metrics: no Service may put it on the internet."""
+    services = [doc for (kind, _), doc in _render(directory).items() if kind == "Service"]
+    assert services
+    for service in services:
+        spec = service["spec"]
+        assert spec.get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+        assert not spec.get("externalIPs"), service["metadata"]["name"]
+
+
+def _container_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container["env"]}
+
+
+@pytest.mark.parametrize("directory", [TRIAL, PRODUCTION], ids=lambda p: p.name)
+def test_kubernetes_gateway_requires_tokens_signed_with_a_secret(directory: Path) -> None:
+    _, container = _gateway(directory)
+    auth = _container_env(container)["BROADCAST_AUTH_SECRET"]
+    assert "value" not in auth, "a secret written into the manifest"
+    reference = auth["valueFrom"]["secretKeyRef"]
+    assert reference["name"] == "broadcast-auth" and reference["key"] == "secret"
+    assert reference.get("optional", False) is False, "without the Secret the gateway is open"
+
+
+@pytest.mark.parametrize("directory", [TRIAL, PRODUCTION], ids=lambda p: p.name)
+def test_kubernetes_variables_are_ones_the_gateway_reads(directory: Path) -> None:
+    _, container = _gateway(directory)
+    variables = {setting.variable for setting in build_parser()[1]}
+    assert set(_container_env(container)) <= variables
+
+
+def test_kubernetes_production_serves_tls_from_a_secret() -> None:
+    deployment, container = _gateway(PRODUCTION)
+    pod = deployment["spec"]["template"]["spec"]
+    env = _container_env(container)
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "broadcast-tls"
+    # Readable by the gateway's group, through fsGroup, and by no one else.
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    directory = mount["mountPath"]
+    assert env["BROADCAST_TLS_CERT"]["value"] == f"{directory}/tls.crt"
+    assert env["BROADCAST_TLS_KEY"]["value"] == f"{directory}/tls.key"
+    # The Redis URL carries the password: from a Secret as well.
+    redis = env["BROADCAST_REDIS_URL"]
+    assert "value" not in redis
+    assert redis["valueFrom"]["secretKeyRef"]["name"] == "broadcast-redis"
+    # The probes stay plain HTTP: the gateway answers health checks without TLS.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"].get("scheme", "HTTP") == "HTTP"
+
+
+def test_kubernetes_production_ingress_routes_the_page_and_websocket_only() -> None:
+    manifests = _render(PRODUCTION)
+    (ingress,) = [doc for (kind, _), doc in manifests.items() if kind == "Ingress"]
+    service = manifests[("Service", "broadcast-gateway")]
+    paths = [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert {path["path"] for path in paths} == PUBLIC_PATHS
+    for path in paths:
+        # Prefix "/" would carry /metrics, /readyz and /api/... as well.
+        assert path["pathType"] == "Exact", path
+        backend = path["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"]
+        assert backend["port"]["name"] == service["spec"]["ports"][0]["name"]
+    assert "defaultBackend" not in ingress["spec"]
+    (tls,) = ingress["spec"]["tls"]
+    assert tls["secretName"] == "broadcast-tls"
+    # The page served under these names may open its WebSocket only if the gateway trusts them.
+    _, container = _gateway(PRODUCTION)
+    public = _container_env(container)["BROADCAST_PUBLIC_HOST"]["value"].split(",")
+    hosts = {rule["host"] for rule in ingress["spec"]["rules"]}
+    assert hosts == set(tls["hosts"]) and hosts <= set(public)
+
+
+@pytest.mark.parametrize("directory", [TRIAL, PRODUCTION], ids=lambda p: p.name)
+def test_kubernetes_network_policy_admits_named_sources_only(directory: Path) -> None:
+    manifests = _render(directory)
+    deployment, container = _gateway(directory)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (policy,) = [doc for (kind, _), doc in manifests.items() if kind == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits everyone"
+        assert all("ipBlock" not in source for source in rule["from"])
+        assert [p["port"] for p in rule["ports"]] == [container["ports"][0]["name"]]
+    sources = [source for rule in spec["ingress"] for source in rule["from"]]
+    namespaces = {
+        s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for s in sources
+        if "namespaceSelector" in s
+    }
+    assert "monitoring" in namespaces
+    assert ("ingress-nginx" in namespaces) == (directory == PRODUCTION)
+
+
+# -- pyproject.toml and Makefile -----------------------------------------------------------------
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    """setuptools ships only the packages listed (and warns about the others)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    roots = {name: ROOT / path for name, path in config["package-dir"].items()}
+    found = set()
+    for name, root in roots.items():
+        for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+            if folder.name == "__pycache__" or not any(
+                f.is_file() and f.suffix in (".py", ".html", ".js", ".css")
+                for f in folder.iterdir()
+            ):
+                continue
+            found.add(".".join([name, *folder.relative_to(root).parts]))
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert listed <= found, f"listed but missing: {sorted(listed - found)}"
+
+
+def _make_dry_run(target: str) -> str:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    result = subprocess.run(
+        [make, "-n", "-B", target, "VENV=/nonexistent-venv"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_run_installs_only_what_running_needs() -> None:
+    commands = _make_dry_run("run")
+    installs = [line for line in commands.splitlines() if " install " in line and "-e" in line]
+    assert installs, commands
+    assert all("[test]" not in line for line in installs), installs
+    assert "broadcast-server start" in commands
+
+
+def test_make_test_installs_the_test_extra() -> None:
+    commands = _make_dry_run("test")
+    assert "-e '.[test]'" in commands
+    assert "install-system-deps" in commands

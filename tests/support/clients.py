@@ -17,7 +17,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 WAIT_SECONDS = 10  # generous: a busy 2-core CI machine; a correct run never waits this long
 
 
-NOTICES = ("join", "leave", "presence")
+NOTICES = ("join", "leave", "presence", "presence_diff")
 
 
 class WsClient:

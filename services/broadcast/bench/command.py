@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+import broadcast
 from broadcast.bench.cluster import Cluster, parse_url
 from broadcast.bench.procfs import raise_file_limit
 from broadcast.bench.runner import Options, Session, channel_for, sender_name_prefix
@@ -59,11 +60,15 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    text = __doc__.replace("``", "")  # the docstring's reST quotes mean nothing in a terminal
     parser = argparse.ArgumentParser(
         prog="broadcast-bench",
-        description=__doc__.split("\n\n")[0],
+        description=text.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+        epilog=text.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"broadcast-bench {broadcast.__version__}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="measure a cluster at a rate, or --search for the best")
@@ -120,7 +125,7 @@ def _cluster_options(parser: argparse.ArgumentParser, gateways: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
     raise_file_limit()

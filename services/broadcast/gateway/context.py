@@ -13,6 +13,7 @@ from broadcast.bus.base import Bus
 from broadcast.gateway.access import AccessPolicy
 from broadcast.gateway.budget import AddressAllowances, ClientBudget
 from broadcast.gateway.hub import ChannelHub
+from broadcast.gateway.presence_notices import PresenceNotices
 from broadcast.gateway.stats import GatewayStats
 from broadcast.presence import PresenceStore
 
@@ -22,6 +23,8 @@ class SessionContext:
     bus: Bus
     hub: ChannelHub
     presence: PresenceStore
+    notices: PresenceNotices
+    """Who came and went, told per channel per interval; member lists shared by many."""
     access: AccessPolicy
     stats: GatewayStats
     node_id: str

@@ -17,6 +17,10 @@ from broadcast.protocol.websocket_frames import encode_text_frame
 
 log = logging.getLogger("broadcast.gateway.hub")
 
+# Above this many members here, line clients are not told who came and went (it would be most
+# of what they read); WebSocket clients still get the diffs, to keep their member lists.
+LARGE_CHANNEL_MEMBERS = 100
+
 
 class Member(Protocol):
     """What the fan-out needs of a client session."""
@@ -41,6 +45,7 @@ class ChannelHub:
         self._subscription_lock = trio.Lock()
         self._watchers: dict[str, Callable[[bytes], None]] = {}
         self.observe_lag: Callable[[float], None] = lambda seconds: None
+        self.on_presence_diff: Callable[[str], None] = lambda channel: None
         self.deliveries = 0
 
     def channel_count(self) -> int:
@@ -48,6 +53,10 @@ class ChannelHub:
 
     def member_count(self) -> int:
         return sum(len(members) for members in self._members.values())
+
+    def local_members(self, channel: str) -> int:
+        """Clients of ``channel`` on this gateway."""
+        return len(self._members.get(channel, ()))
 
     async def add(self, member: Member) -> None:
         """Join ``member.channel``; returns once messages published afterwards will reach it.
@@ -108,6 +117,10 @@ class ChannelHub:
                 self.observe_lag(now - event.get("ts", now))
             frame: bytes | None = None
             line: bytes | None = None
+            if event.get("type") == "presence_diff":
+                self.on_presence_diff(channel)
+                if len(members) > LARGE_CHANNEL_MEMBERS:
+                    line = b""
             for member in members:
                 if member.origin == origin and not member.echo:
                     continue

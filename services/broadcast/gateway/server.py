@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import trio
 
-from broadcast.bus.base import Bus, BusUnavailable
+from broadcast.api import ApiCollector, ApiOptions, serve_api_listener
+from broadcast.bus.base import Bus
 from broadcast.gateway.access import AccessPolicy
 from broadcast.gateway.admission import Admission, Admitted
 from broadcast.gateway.budget import AddressAllowances
@@ -34,13 +35,13 @@ from broadcast.gateway.hub import ChannelHub
 from broadcast.gateway.line_session import LineSession
 from broadcast.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broadcast.gateway.metrics import GatewayMetrics
+from broadcast.gateway.presence_notices import PresenceNotices
 from broadcast.gateway.readiness import ReadinessProbe
 from broadcast.gateway.session import ClientSession
 from broadcast.gateway.static_files import CONTENT_SECURITY_POLICY, static_file
 from broadcast.gateway.stats import GatewayStats
 from broadcast.gateway.websocket_session import WebSocketSession
 from broadcast.presence import MemoryPresence, OnExpired, PresenceStore
-from broadcast.protocol.envelope import event_payload
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.limits import (
     DEFAULT_CHANNEL,
@@ -55,7 +56,6 @@ log = logging.getLogger("broadcast.gateway")
 # client's /auth) within this; a silent line client is admitted after about a second.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 DRAIN_TIMEOUT_SECONDS = 10.0
-EXPIRED_NOTICES_QUEUE = 1000
 # Connections still being admitted, at most; past it the oldest is dropped for the newest, so
 # sockets that never finish a handshake cannot keep out clients that would.
 MAX_PENDING_CONNECTIONS = 1024
@@ -93,6 +93,7 @@ class Gateway:
         presence: PresenceFactory = lambda on_expired: MemoryPresence(),
         access: AccessPolicy | None = None,
         admission: Callable[[Admission], None] | None = None,
+        api: ApiOptions | None = None,
     ) -> None:
         self.bus = bus
         self.node_id = node_id
@@ -107,10 +108,13 @@ class Gateway:
         self.stats = GatewayStats()
         self.probe = ReadinessProbe(bus, self.hub, node_id)
         self.presence = presence(self._presence_expired)
+        self.notices = PresenceNotices(bus, self.hub, self.presence)
+        self.hub.on_presence_diff = self.notices.forget_snapshot
         self.context = SessionContext(
             bus=bus,
             hub=self.hub,
             presence=self.presence,
+            notices=self.notices,
             access=self.access,
             stats=self.stats,
             node_id=node_id,
@@ -127,12 +131,11 @@ class Gateway:
         self.admission = Admission(self.access, self.stats, self.answer_http)
         if admission is not None:  # tests tune its timers
             admission(self.admission)
-        # Leave notices for a dead gateway's clients, published by a task; bounded, and a notice
-        # that does not fit is only logged (presence itself is already right).
-        self._expired_send, self._expired_receive = trio.open_memory_channel[tuple[str, str, str]](
-            EXPIRED_NOTICES_QUEUE
-        )
         self.metrics = GatewayMetrics(self)
+        # The server API (docs/api.md): built always, answers 404 until a key turns it on.
+        self.api_options = api or ApiOptions()
+        self.api = self.api_options.build(self)
+        self.metrics.registry.register(ApiCollector(self.api))
         self.hub.observe_lag = self.metrics.delivery_lag.observe
         self.draining = False
         self._sessions: set[ClientSession] = set()
@@ -177,14 +180,21 @@ class Gateway:
         self.max_connections, self.max_pending = fit_connections_to_file_limit(
             self.max_connections, self.max_pending
         )
+        # Bound first: a port in use is a plain OSError for the caller, before anything starts
+        # (and before the readiness probe could say "ready" on a gateway that has no port).
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_close_on_exit, listener)
             await nursery.start(self.bus.run, self.hub.deliver)
             nursery.start_soon(self.probe.run)
             await nursery.start(self.presence.run)
-            nursery.start_soon(self._announce_expired)
+            await nursery.start(self.api.run)
+            if self.api_options.listen is not None:
+                await nursery.start(serve_api_listener, self.api, *self.api_options.listen)
+            nursery.start_soon(self.notices.run)
             nursery.start_soon(self._sweep_idle)
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-            self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as handlers:
                 for listener in listeners:
                     nursery.start_soon(self._accept, listener, handlers)
@@ -200,19 +210,8 @@ class Gateway:
         log.info("stopped")
 
     def _presence_expired(self, channel: str, key: str, name: str) -> None:
-        try:
-            self._expired_send.send_nowait((channel, key, name))
-        except trio.WouldBlock:
-            log.warning("too many expired presence entries at once; no leave notice for %s", name)
-
-    async def _announce_expired(self) -> None:
-        """A client of a dead gateway left: say so once, on its behalf."""
-        async for channel, key, name in self._expired_receive:
-            payload = event_payload("leave", channel, name, round(time.time(), 3), key)
-            try:
-                await self.bus.publish_event(channel, payload)
-            except BusUnavailable:
-                log.info("no leave notice for %s in #%s: the bus is unavailable", name, channel)
+        """A client of a dead gateway left: told once, on its behalf, with the next diff."""
+        self.notices.left(channel, name)
 
     async def _sweep_idle(self) -> None:
         """One task checks every client's liveness, rather than one timer task per client."""
@@ -327,6 +326,8 @@ class Gateway:
     async def answer_http(self, request: HttpRequest, stream: trio.abc.Stream) -> bytes:
         """A plain HTTP request: health, readiness, metrics, the page; 405 for other methods."""
         path = request.target.split(b"?", 1)[0]
+        if path.startswith(b"/api/"):
+            return await self.api.respond(request, stream)
         if request.method not in _READ_METHODS:
             return response(
                 405,
@@ -348,6 +349,14 @@ class Gateway:
         if path == b"/metrics":
             return response(200, self.metrics.render(), METRICS_CONTENT_TYPE, head_only=head_only)
         return response(404, b"not found; WebSocket clients connect to /\n", head_only=head_only)
+
+
+async def _close_on_exit(listener: trio.SocketListener) -> None:
+    """Owns a listener for the gateway's nursery: closed when the gateway stops."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        await trio.aclose_forcefully(listener)
 
 
 async def _close_gently(stream: trio.SocketStream) -> None:

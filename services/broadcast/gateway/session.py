@@ -18,7 +18,7 @@ from broadcast.gateway.budget import ClientBudget, TooManyRequests
 from broadcast.gateway.context import SessionContext
 from broadcast.gateway.outbox import Outbox, socket_direct_write
 from broadcast.protocol.commands import Recovery
-from broadcast.protocol.envelope import event_payload, message_body, parse_id, payload_id
+from broadcast.protocol.envelope import message_body, parse_id, payload_id
 from broadcast.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES, RECOVERY_LIMIT
 from broadcast.security import AuthCode, AuthError, Identity
@@ -234,7 +234,7 @@ class ClientSession:
         if greeting:
             self.greet()
         await self._release_held(recovery)
-        await self._announce("join")
+        self._announce("join")
         await self.joined()
 
     def hold(self, message_id: str | None, data: bytes) -> None:
@@ -279,7 +279,7 @@ class ClientSession:
         await self.ctx.hub.remove(self)
         if self.announce:
             await self.ctx.presence.leave(self.channel, self.origin)
-        await self._announce("leave")
+        self._announce("leave")
 
     async def change_identity(
         self, name: str | None, channel: str | None, recovery: Recovery | None = None
@@ -297,20 +297,18 @@ class ClientSession:
             await self._release_held(recovery)
         if new_name != self.name:
             # Same channel: stay a member throughout, so no message is missed while renaming.
-            await self._announce("leave")
+            self._announce("leave")
             self.name = new_name
             if self.announce:
                 await self.ctx.presence.enter(self.channel, self.origin, self.name)
-            await self._announce("join")
+            self._announce("join")
 
-    async def _announce(self, kind: str) -> None:
+    def _announce(self, kind: str) -> None:
+        """Others learn of it in the channel's next ``presence_diff`` (presence_notices.py)."""
         if not self.announce:
             return
-        payload = event_payload(kind, self.channel, self.name, round(time.time(), 3), self.origin)
-        try:
-            await self.ctx.bus.publish_event(self.channel, payload)
-        except BusUnavailable:
-            log.info("%s: %s notice not sent, the bus is unavailable", self, kind)
+        notices = self.ctx.notices
+        (notices.joined if kind == "join" else notices.left)(self.channel, self.name)
 
     async def publish(self, text: str) -> str:
         """Publish through the bus; the id is Redis's. Raises ProtocolError when not accepted.
@@ -329,7 +327,7 @@ class ClientSession:
     async def who(self) -> list[str]:
         """Who is in this client's channel, on every gateway."""
         try:
-            return await self.ctx.presence.members(self.channel)
+            return await self.ctx.notices.members(self.channel)
         except BusUnavailable:
             raise ProtocolError(
                 ErrorCode.BUS_UNAVAILABLE, "presence is unavailable, try again"

@@ -2,7 +2,9 @@
 
 Two tools: ``redact_url`` for a URL the code is about to show (the Redis URL in the startup
 log line and in /metrics labels), and ``SecretFilter`` for everything logged, including what
-libraries log and exception tracebacks, as a net for what no one thought of.
+libraries log and exception tracebacks, as a net for what no one thought of. ``url_secrets``
+gives the filter a URL's secret parts only: the URL itself is not a secret, and masking all of
+it would hide which Redis a log line is about (``redis://host:6379`` stays readable).
 
 Redaction errs on the side of hiding too much: a URL that does not parse cleanly loses its
 whole user-information part rather than risk showing part of a password.
@@ -13,14 +15,14 @@ from __future__ import annotations
 import logging
 import re
 from typing import Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 MASK: Final = "***"
 
 # Query parameters whose values are credentials (redis-py reads ?password=; we read ?token=).
 _SECRET_PARAMETERS: Final = (
     "password", "passwd", "pwd", "pass", "access_token", "token", "secret", "api_key", "apikey",
-    "auth",
+    "auth", "sentinel_password",
 )  # fmt: skip
 _PARAMETER = re.compile(
     r"(?i)(?<![A-Za-z0-9_])(" + "|".join(_SECRET_PARAMETERS) + r")=([^&\s#\"',;]*)"
@@ -52,10 +54,37 @@ def redact_url(url: str) -> str:
     return url
 
 
+def url_secrets(url: str) -> list[str]:
+    """The secret parts of ``url`` for ``SecretFilter``: the password (as written and decoded)
+    and the values of credential query parameters. Empty for ``redis://host:6379/0``."""
+    secrets: list[str] = []
+    split = _split_userinfo(url)
+    if split is not None:
+        _, userinfo, _ = split
+        _, colon, password = userinfo.partition(":")
+        if colon and password:
+            secrets += [password, unquote(password)]
+    _, question, query = url.partition("?")
+    if question:
+        secrets += [value for _, value in _PARAMETER.findall(query) if value]
+    return list(dict.fromkeys(secrets))
+
+
 def _redact_userinfo(url: str) -> str:
+    split = _split_userinfo(url)
+    if split is None:
+        return url
+    scheme_and_separator, userinfo, after = split
+    user, colon, _ = userinfo.partition(":")
+    credentials = f"{user}:{MASK}" if colon else user
+    return f"{scheme_and_separator}{credentials}@{after}"
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """``("scheme://", userinfo, what follows the @)``, or None when the URL has no userinfo."""
     scheme, separator, rest = url.partition("://")
     if not separator or "@" not in rest:
-        return url
+        return None
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises on a netloc that is not [userinfo@]host[:port]
@@ -64,17 +93,14 @@ def _redact_userinfo(url: str) -> str:
         netloc = None
     if netloc and "@" in netloc:
         userinfo, _, host = netloc.rpartition("@")
-        after = rest[len(netloc) :]
+        after = host + rest[len(netloc) :]
     elif netloc and ":" not in rest.partition("@")[0]:
-        return url  # the @ is further on (a path or query), and nothing before it has a password
+        return None  # the @ is further on (a path or query), and nothing before it has a password
     else:
         # Not a URL urlsplit reads as its author meant (a / ? or # left unescaped in a
         # password, say): everything up to the last @ may be credentials.
         userinfo, _, after = rest.rpartition("@")
-        host = ""
-    user, colon, _ = userinfo.partition(":")
-    credentials = f"{user}:{MASK}" if colon else user
-    return f"{scheme}://{credentials}@{host}{after}"
+    return scheme + separator, userinfo, after
 
 
 def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:

@@ -395,3 +395,39 @@ def test_max_connections_fits_the_file_limit() -> None:
     log = gateway.finished_log()
     assert "Traceback" not in log
     assert sum("does not fit the file limit" in line for line in log.splitlines()) == 1
+
+
+async def test_a_storm_of_connects_is_paced_with_retry_after(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway(gateway_options={"session_rate": 0.5, "session_burst": 2})
+    async with ws_client(url(gateway), name="one"), ws_client(url(gateway), name="two"):
+        answer = await raw_exchange(gateway.port, HANDSHAKE)
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"\r\nRetry-After: " in answer and b"server_busy" in answer
+        line = await raw_exchange(gateway.port, b"hello\n")
+        assert line.startswith(b"! server_busy: ")
+        health = await raw_exchange(gateway.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert health.startswith(b"HTTP/1.1 200 OK"), "health checks are never paced"
+
+
+async def test_a_drain_closes_clients_in_batches_with_spread_reconnect_hints(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway(gateway_options={"drain_timeout": 4.0})
+    hints: list[float] = []
+
+    async def client(i: int, task_status: trio.TaskStatus[None]) -> None:
+        async with open_websocket_url(f"{url(gateway)}?announce=0") as ws:
+            await ws.get_message()
+            task_status.started()
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+        assert closed.value.reason.code == 1012
+        hints.append(float(closed.value.reason.reason.rsplit(" ", 2)[-2]))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(300):
+            await nursery.start(client, i)
+        gateway.stop("restarting")
+    assert len(hints) == 300
+    assert max(hints) > 0.02 and len(set(hints)) > 5, "each client waits its own time"

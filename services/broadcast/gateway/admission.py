@@ -15,6 +15,7 @@ WebSocket handshake for silence.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ from broadcast.security import (
     AuthError,
     Identity,
     PrefixedStream,
+    TokenBucket,
     could_be_tls,
     looks_like_tls,
     parse_auth_line,
@@ -89,7 +91,20 @@ class Admission:
     answer_http: HttpAnswer
     silent_after: float = SILENT_CLIENT_SECONDS
     auth_timeout: float = AUTH_TIMEOUT_SECONDS
+    new_sessions: TokenBucket | None = None
+    """How fast sessions may start; past it, clients are told to come back (503)."""
     _hinted: dict[str, float] = field(default_factory=dict)
+
+    def _busy(self) -> ProtocolError | None:
+        """A reconnect storm is admitted at a pace the gateway can serve, not all at once."""
+        if self.new_sessions is None or self.new_sessions.try_take():
+            return None
+        wait = max(0.1, self.new_sessions.retry_after())
+        return ProtocolError(
+            ErrorCode.SERVER_BUSY,
+            f"too many clients connecting at once; try again in {wait:.1f} s",
+            retry_after=round(wait, 1),
+        )
 
     async def admit(
         self, stream: trio.abc.Stream, refusal: ProtocolError | None
@@ -113,6 +128,7 @@ class Admission:
             refusal = ProtocolError(ErrorCode.TLS_REQUIRED, "this gateway takes TLS only: wss://")
         if classify(initial) is Kind.HTTP:
             return await self._http(stream, initial, refusal)
+        refusal = refusal or self._busy()
         if refusal is not None:
             self.stats.count_error(refusal.code)
             await stream.send_all(render_error(refusal))
@@ -166,11 +182,15 @@ class Admission:
                 response(405, b"a WebSocket handshake is a GET\n", extra_headers=b"Allow: GET\r\n")
             )
             return None
+        refusal = refusal or self._busy()
         if refusal is not None:
             self.stats.count_error(refusal.code)
             status = _REFUSAL_STATUS.get(refusal.code, 503)
             body = f"{refusal.code}: {refusal.message}\n".encode()
-            await stream.send_all(response(status, body))
+            retry = b""
+            if refusal.retry_after is not None:
+                retry = b"Retry-After: %d\r\n" % max(1, math.ceil(refusal.retry_after))
+            await stream.send_all(response(status, body, extra_headers=retry))
             return None
         origin, host = request.header(b"origin"), request.header(b"host")
         if not self.access.origins.allows(origin or None, host or None):

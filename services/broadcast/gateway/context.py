@@ -14,6 +14,7 @@ from broadcast.gateway.access import AccessPolicy
 from broadcast.gateway.budget import AddressAllowances, ClientBudget
 from broadcast.gateway.hub import ChannelHub
 from broadcast.gateway.presence_notices import PresenceNotices
+from broadcast.gateway.replay import ReplayReads
 from broadcast.gateway.stats import GatewayStats
 from broadcast.presence import PresenceStore
 
@@ -25,6 +26,8 @@ class SessionContext:
     presence: PresenceStore
     notices: PresenceNotices
     """Who came and went, told per channel per interval; member lists shared by many."""
+    replays: ReplayReads
+    """History reads shared by the clients recovering a channel at once."""
     access: AccessPolicy
     stats: GatewayStats
     node_id: str

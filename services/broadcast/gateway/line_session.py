@@ -137,7 +137,7 @@ class LineSession(ClientSession):
         return render_notice("bye")
 
     def drain_notice(self, reason: str) -> bytes:
-        return render_notice(f"{reason}; please reconnect")
+        return render_notice(reason)
 
     def slow_notice(self) -> bytes:
         return b"! slow: you did not read fast enough and were disconnected\n"

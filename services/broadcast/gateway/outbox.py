@@ -61,6 +61,7 @@ class Outbox:
         self.broken: OSError | None = None
         self.writing = False
         """True while a write is under way: cancelling it may leave half a frame on the wire."""
+        self._room: trio.Event | None = None
 
     @property
     def closing(self) -> bool:
@@ -84,7 +85,25 @@ class Outbox:
         self._closing = True
         self._chunks.clear()
         self._size = 0
+        self._wake()
         self._on_give_up()
+
+    @property
+    def backlog(self) -> bool:
+        """Whether anything is still waiting for the socket."""
+        return bool(self._chunks) or self._writer_owns_queue
+
+    async def wait_for_room(self) -> None:
+        """Back-pressure for a producer that may wait (a replay): returns once everything
+        queued so far has been written, or the outbox closed."""
+        while self.backlog and not self._closing:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def _wake(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     def flush(self) -> None:
         """Write what is queued now if the socket takes it; otherwise hand it to the writer."""
@@ -140,3 +159,4 @@ class Outbox:
                 self.writing = False
         finally:
             self._writer_owns_queue = False
+            self._wake()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
+import random
 import socket
 import time
 from collections import OrderedDict
@@ -37,6 +39,7 @@ from broadcast.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broadcast.gateway.metrics import GatewayMetrics
 from broadcast.gateway.presence_notices import PresenceNotices
 from broadcast.gateway.readiness import ReadinessProbe
+from broadcast.gateway.replay import ReplayReads
 from broadcast.gateway.session import ClientSession
 from broadcast.gateway.static_files import CONTENT_SECURITY_POLICY, static_file
 from broadcast.gateway.stats import GatewayStats
@@ -49,6 +52,7 @@ from broadcast.protocol.limits import (
     LINE_IDLE_TIMEOUT_SECONDS,
     MAX_CONNECTIONS,
 )
+from broadcast.security import TokenBucket
 
 log = logging.getLogger("broadcast.gateway")
 
@@ -56,6 +60,15 @@ log = logging.getLogger("broadcast.gateway")
 # client's /auth) within this; a silent line client is admitted after about a second.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 DRAIN_TIMEOUT_SECONDS = 10.0
+# New sessions a gateway starts per second, after a burst: a reconnect storm of thousands is
+# admitted at a pace one gateway serves (2 cores: ~3,000 handshakes/s) and the rest are told
+# to come back (503 with Retry-After), rather than all timing out together.
+SESSION_RATE_PER_SECOND = 1000.0
+SESSION_BURST = 2000
+# A draining gateway closes this many clients a second, each told to wait a random part of the
+# drain before reconnecting, so the gateways left take them over smoothly.
+DRAIN_CLOSES_PER_SECOND = 2500
+_DRAIN_TICK_SECONDS = 0.05
 # Connections still being admitted, at most; past it the oldest is dropped for the newest, so
 # sockets that never finish a handshake cannot keep out clients that would.
 MAX_PENDING_CONNECTIONS = 1024
@@ -94,6 +107,8 @@ class Gateway:
         access: AccessPolicy | None = None,
         admission: Callable[[Admission], None] | None = None,
         api: ApiOptions | None = None,
+        session_rate: float = SESSION_RATE_PER_SECOND,
+        session_burst: int = SESSION_BURST,
     ) -> None:
         self.bus = bus
         self.node_id = node_id
@@ -115,6 +130,7 @@ class Gateway:
             hub=self.hub,
             presence=self.presence,
             notices=self.notices,
+            replays=ReplayReads(bus),
             access=self.access,
             stats=self.stats,
             node_id=node_id,
@@ -128,7 +144,16 @@ class Gateway:
                 else AddressAllowances(self.access.rates, trio.current_time)
             ),
         )
-        self.admission = Admission(self.access, self.stats, self.answer_http)
+        self.admission = Admission(
+            self.access,
+            self.stats,
+            self.answer_http,
+            new_sessions=(
+                TokenBucket(session_rate, session_burst, trio.current_time)
+                if session_rate > 0
+                else None
+            ),
+        )
         if admission is not None:  # tests tune its timers
             admission(self.admission)
         self.metrics = GatewayMetrics(self)
@@ -205,6 +230,7 @@ class Gateway:
                 task_status.started(self)
                 await self._stop_requested.wait()
                 self._begin_drain()
+                handlers.start_soon(self._close_in_batches)
                 handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
             nursery.cancel_scope.cancel()
         log.info("stopped")
@@ -229,8 +255,17 @@ class Gateway:
             "draining: %d clients told to reconnect elsewhere (%.0f s at most)",
             len(self._sessions), self.drain_timeout,
         )  # fmt: skip
-        for session in list(self._sessions):
-            session.shut_down(self._stop_reason)
+
+    async def _close_in_batches(self) -> None:
+        """Tell clients to go, a batch per tick, each with its own reconnect delay: the other
+        gateways take them over as a steady stream, not a wall (Phoenix drains 10k per 2 s)."""
+        sessions = list(self._sessions)
+        spread = min(self.drain_timeout / 2, len(sessions) / DRAIN_CLOSES_PER_SECOND)
+        per_tick = max(1, math.ceil(DRAIN_CLOSES_PER_SECOND * _DRAIN_TICK_SECONDS))
+        for start in range(0, len(sessions), per_tick):
+            for session in sessions[start : start + per_tick]:
+                session.shut_down(self._stop_reason, retry_after=random.uniform(0, spread))
+            await trio.sleep(_DRAIN_TICK_SECONDS)
 
     async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         """Accept until draining. Out of descriptors, wait and retry, warning once a while."""

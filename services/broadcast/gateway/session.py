@@ -17,14 +17,21 @@ from broadcast.bus.base import BusUnavailable
 from broadcast.gateway.budget import ClientBudget, TooManyRequests
 from broadcast.gateway.context import SessionContext
 from broadcast.gateway.outbox import Outbox, socket_direct_write
+from broadcast.gateway.replay import Replay
 from broadcast.protocol.commands import Recovery
-from broadcast.protocol.envelope import message_body, parse_id, payload_id
+from broadcast.protocol.envelope import message_body, parse_id
 from broadcast.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from broadcast.protocol.limits import OUTBOX_LIMIT_BYTES, RECOVERY_LIMIT
 from broadcast.security import AuthCode, AuthError, Identity
 
 log = logging.getLogger("broadcast.gateway.session")
 
+# A replay is queued this much at a time, then waits until the socket took it: the outbox limit
+# still catches a client that stops reading, and one that reads recovers any history there is.
+REPLAY_WINDOW_BYTES = 256 * 1024
+# Rounds of re-reading the history when live traffic outgrows what a replaying client may hold;
+# past them the channel is faster than the client, which is then slow.
+_REPLAY_ROUNDS = 4
 # A session that ended on its own gets this long to flush its outbox to a client still reading.
 FLUSH_TIMEOUT_SECONDS = 5.0
 # Leaving (hub membership, the leave notice) happens while cancelled; bound it.
@@ -61,6 +68,7 @@ class ClientSession:
         self.held: list[tuple[str | None, bytes]] | None = None
         """Live deliveries kept back while history is replayed, so the client sees one order."""
         self._held_bytes = 0
+        self._held_dropped = False
         self._scope: trio.CancelScope | None = None
         self._joined = False
         self.last_heard = ctx.clock()
@@ -154,9 +162,10 @@ class ClientSession:
             # Closed and flushed: nothing more to say, so the reader ends too.
             self._scope.cancel()
 
-    def shut_down(self, reason: str) -> None:
-        """The gateway is draining: tell the client to go elsewhere, then end the session."""
-        self.outbox.close(self.drain_notice(reason))
+    def shut_down(self, reason: str, retry_after: float = 0.0) -> None:
+        """The gateway is draining: tell the client to go elsewhere (after ``retry_after``
+        seconds, so a drain's clients do not all arrive elsewhere at once), then end."""
+        self.outbox.close(self.drain_notice(f"{reason}; reconnect in {retry_after:.2f} s"))
 
     def disconnect(self, code: int, reason: str) -> None:
         """Close this client with ``code`` (an operator's disconnect, a client cut for abuse)."""
@@ -238,39 +247,72 @@ class ClientSession:
         await self.joined()
 
     def hold(self, message_id: str | None, data: bytes) -> None:
-        """Keep a live delivery back during a replay; bounded like the outbox."""
+        """Keep a live delivery back during a replay, bounded like the outbox. Past the bound
+        the held messages are dropped and fetched again from the history after the replay."""
         assert self.held is not None
         self.held.append((message_id, data))
         self._held_bytes += len(data)
         if self._held_bytes > OUTBOX_LIMIT_BYTES:
             self.held.clear()
-            self.outbox.overflow()
+            self._held_bytes = 0
+            self._held_dropped = True
 
     async def _release_held(self, recovery: Recovery | None) -> None:
         """Replay history if asked, then release what arrived live meanwhile, minus what was
-        replayed. The caller started holding (``self.held = []``) before the subscription."""
+        replayed. The caller started holding (``self.held = []``) before the subscription.
+
+        The replay goes out a window at a time, each sent before the next is queued, so any
+        history the server holds reaches a client that reads. Live messages that arrive
+        meanwhile are held; if they outgrow the bound, they are read again from the history."""
         assert self.held is not None
-        messages: list[bytes] = []
-        complete = True
-        if recovery is not None:
+        self._held_dropped = False
+        asked = recovery is not None
+        count, complete, epoch, reset = 0, True, "", False
+        newest = (-1, -1)
+        rounds = 0
+        while recovery is not None:
             try:
-                history = await self.ctx.bus.history(
-                    self.channel, after=recovery.since, last=recovery.last
-                )
-                messages, complete = history.messages, history.complete
+                replay = await self.ctx.replays.read(self.channel, recovery)
             except BusUnavailable:
                 complete = False
+                break
+            if rounds == 0:
+                complete, epoch, reset = replay.complete, replay.epoch, replay.reset
+            rounds += 1
+            count += replay.count
+            if replay.count:
+                newest = replay.newest
+            await self._send_replay(replay)
+            if not self._held_dropped:
+                break
+            if rounds >= _REPLAY_ROUNDS:
+                self.outbox.overflow()  # the channel outruns this client: it is slow
+                return
+            # Live messages were dropped while replaying: they are in the history after
+            # ``newest``; hold anew from now, and read on from there.
+            self._held_dropped = False
+            since = f"{newest[0]}-{newest[1]}" if newest != (-1, -1) else recovery.since
+            recovery = Recovery(since, 0 if since else recovery.last, epoch or None)
         held, self.held, self._held_bytes = self.held, None, 0
-        newest = (-1, -1)
-        for payload in messages:
-            self.outbox.push(self.render_payload(payload))
-            newest = parse_id(payload_id(payload))
         for message_id, data in held:
             if message_id is None or parse_id(message_id) > newest:
                 self.outbox.push(data)
         self.outbox.flush()
-        if recovery is not None:
-            self.recovered(len(messages), complete)
+        if asked:
+            self.recovered(count, complete, epoch, reset)
+
+    async def _send_replay(self, replay: Replay) -> None:
+        """Queue the replay a window at a time, waiting for the socket between windows."""
+        pieces = replay.frames() if self.speaks_websocket else replay.lines()
+        queued = 0
+        for data in pieces:
+            self.outbox.push(data)
+            queued += len(data)
+            if queued >= REPLAY_WINDOW_BYTES:
+                self.outbox.flush()
+                await self.outbox.wait_for_room()
+                queued = 0
+        self.outbox.flush()
 
     async def leave(self) -> None:
         if not self._joined:
@@ -352,8 +394,9 @@ class ClientSession:
         """A refusal as this client reads it."""
         raise NotImplementedError
 
-    def recovered(self, count: int, complete: bool) -> None:
-        """Tell the client that the replay is over, and whether anything was lost."""
+    def recovered(self, count: int, complete: bool, epoch: str, reset: bool) -> None:
+        """Tell the client that the replay is over, whether anything was lost, and whether the
+        history restarted (``reset``: its ids belong to another epoch)."""
 
     async def read_until_done(self) -> None:
         raise NotImplementedError

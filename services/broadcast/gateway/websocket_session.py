@@ -152,10 +152,18 @@ class WebSocketSession(ClientSession):
     def render_payload(self, payload: bytes) -> bytes:
         return encode_text_frame(payload)
 
-    def recovered(self, count: int, complete: bool) -> None:
-        self.send_event(
-            {"type": "recovered", "channel": self.channel, "count": count, "complete": complete}
-        )
+    def recovered(self, count: int, complete: bool, epoch: str, reset: bool) -> None:
+        event: dict[str, object] = {
+            "type": "recovered",
+            "channel": self.channel,
+            "count": count,
+            "complete": complete,
+        }
+        if epoch:
+            event["epoch"] = epoch
+        if reset:
+            event["reset"] = True
+        self.send_event(event)
 
     async def read_until_done(self) -> None:
         if await self._handle_events():

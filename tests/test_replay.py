@@ -97,3 +97,18 @@ async def test_a_storm_of_recoveries_shares_history_reads(gateway: Gateway) -> N
             nursery.start_soon(recover, i)
     reads = gateway.context.replays.reads - reads_before
     assert reads < 30, f"{reads} history reads served 60 recovering clients"
+
+
+async def test_a_slow_websocket_client_is_told_4008(gateway: Gateway) -> None:
+    """A client that stops reading is cut at the outbox limit, and once it reads again it finds
+    the close frame (4008) after whole frames, not a reset (1006)."""
+    from trio_websocket import ConnectionClosed, open_websocket_url
+
+    async with open_websocket_url(url(gateway) + "?name=slow&announce=0") as slow:
+        async with ws_client(url(gateway), name="sender", announce="0") as sender:
+            while gateway.stats.slow_disconnects == 0:
+                await sender.publish("z" * 4000)
+        with trio.fail_after(20), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await slow.get_message()
+    assert closed.value.reason.code == 4008

@@ -144,16 +144,8 @@ class Gateway:
                 else AddressAllowances(self.access.rates, trio.current_time)
             ),
         )
-        self.admission = Admission(
-            self.access,
-            self.stats,
-            self.answer_http,
-            new_sessions=(
-                TokenBucket(session_rate, session_burst, trio.current_time)
-                if session_rate > 0
-                else None
-            ),
-        )
+        self.admission = Admission(self.access, self.stats, self.answer_http)
+        self._session_rate = (session_rate, session_burst)
         if admission is not None:  # tests tune its timers
             admission(self.admission)
         self.metrics = GatewayMetrics(self)
@@ -205,6 +197,9 @@ class Gateway:
         self.max_connections, self.max_pending = fit_connections_to_file_limit(
             self.max_connections, self.max_pending
         )
+        rate, burst = self._session_rate
+        if rate > 0 and self.admission.new_sessions is None:
+            self.admission.new_sessions = TokenBucket(rate, burst, trio.current_time)
         # Bound first: a port in use is a plain OSError for the caller, before anything starts
         # (and before the readiness probe could say "ready" on a gateway that has no port).
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)

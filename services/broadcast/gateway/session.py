@@ -16,7 +16,7 @@ import trio
 from broadcast.bus.base import BusUnavailable
 from broadcast.gateway.budget import ClientBudget, TooManyRequests
 from broadcast.gateway.context import SessionContext
-from broadcast.gateway.outbox import Outbox, socket_direct_write
+from broadcast.gateway.outbox import Outbox
 from broadcast.gateway.replay import Replay
 from broadcast.protocol.commands import Recovery
 from broadcast.protocol.envelope import message_body, parse_id
@@ -34,6 +34,8 @@ REPLAY_WINDOW_BYTES = 256 * 1024
 _REPLAY_ROUNDS = 4
 # A session that ended on its own gets this long to flush its outbox to a client still reading.
 FLUSH_TIMEOUT_SECONDS = 5.0
+# A client found slow gets this long to take its last words (close 4008) before it is cut.
+SLOW_CLOSE_SECONDS = 2.0
 # Leaving (hub membership, the leave notice) happens while cancelled; bound it.
 LEAVE_TIMEOUT_SECONDS = 2.0
 RECEIVE_BYTES = 65536
@@ -58,9 +60,8 @@ class ClientSession:
         self.announce = True
         """Whether others see this client: join/leave notices and presence (off for scripts)."""
         self.outbox = Outbox(
-            OUTBOX_LIMIT_BYTES, self._give_up, self._start_writer, socket_direct_write(stream)
+            OUTBOX_LIMIT_BYTES, stream, on_slow=self._found_slow, on_done=self._outbox_done
         )
-        self._nursery: trio.Nursery | None = None
         self.recovery: Recovery | None = None
         """What to replay on joining, as asked in the handshake."""
         self.identity: Identity | None = None
@@ -80,14 +81,22 @@ class ClientSession:
         """Send to this client alone (a reply, an error): queued and flushed at once."""
         self.outbox.send(data)
 
-    def _give_up(self) -> None:
+    def _found_slow(self) -> bytes:
+        """Over the outbox limit: the last words, then the end (bounded, if it never reads)."""
+        log.warning(
+            "%s is too slow (over %d bytes unsent): disconnecting", self, OUTBOX_LIMIT_BYTES
+        )
+        self.ctx.stats.slow_disconnects += 1
+        if self._scope is not None:
+            self._scope.deadline = min(
+                self._scope.deadline, trio.current_time() + SLOW_CLOSE_SECONDS
+            )
+        return self.slow_notice()
+
+    def _outbox_done(self) -> None:
+        """Closed and flushed (or broken): nothing more to say, so the reader ends too."""
         if self.outbox.broken is not None:
             log.debug("%s: connection broken: %r", self, self.outbox.broken)
-        else:
-            log.warning(
-                "%s is too slow (over %d bytes unsent): disconnecting", self, OUTBOX_LIMIT_BYTES
-            )
-            self.ctx.stats.slow_disconnects += 1
         if self._scope is not None:
             self._scope.cancel()
 
@@ -98,7 +107,7 @@ class ClientSession:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                self._nursery = nursery
+                self.outbox.attach(nursery)
                 await self.start()
                 if self.identity is not None:
                     nursery.start_soon(self._end_when_token_expires, self.identity)
@@ -109,12 +118,9 @@ class ClientSession:
                 self.outbox.close(self.goodbye())
                 nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT_SECONDS
         finally:
-            self._nursery = None
+            self.outbox.attach(None)
             with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT_SECONDS):
                 await self.leave()
-                if self.outbox.overflowed and not self.outbox.writing:
-                    with trio.move_on_after(1):
-                        await self.stream.send_all(self.slow_notice())
 
     async def start(self) -> None:
         """Protocol-specific: what must be said before the session joins (the 101)."""
@@ -151,16 +157,6 @@ class ClientSession:
             raise ProtocolError(
                 ErrorCode.CHANNEL_FORBIDDEN, f"your token does not allow #{channel}"
             )
-
-    def _start_writer(self) -> None:
-        if self._nursery is not None:  # None once the session is over: nothing more to say
-            self._nursery.start_soon(self._write)
-
-    async def _write(self) -> None:
-        await self.outbox.write_pending(self.stream.send_all)
-        if self.outbox.closing and self._scope is not None:
-            # Closed and flushed: nothing more to say, so the reader ends too.
-            self._scope.cancel()
 
     def shut_down(self, reason: str, retry_after: float = 0.0) -> None:
         """The gateway is draining: tell the client to go elsewhere (after ``retry_after``

@@ -8,6 +8,7 @@ every client of the channel.
 from __future__ import annotations
 
 import logging
+import re
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -38,6 +39,7 @@ from broadcast.protocol.websocket_frames import (
 from broadcast.security import AuthError
 
 log = logging.getLogger("broadcast.gateway.websocket")
+_SMALL_COUNT = re.compile(r"[0-9]{1,9}")
 
 
 class WebSocketSession(ClientSession):
@@ -93,8 +95,12 @@ class WebSocketSession(ClientSession):
             self._query_errors.append(error)
         try:
             history = query.get("history", "0")
-            count = int(history) if history.isdigit() else -1
-            self.recovery = commands.parse_recovery(query.get("since"), count)
+            # A few ASCII digits only: "²".isdigit() is true and int() refuses it, and int()
+            # refuses 5,000 digits too.
+            count = int(history) if _SMALL_COUNT.fullmatch(history) else -1
+            self.recovery = commands.parse_recovery(
+                query.get("since"), count, query.get("epoch")
+            )
         except ProtocolError as error:
             self._query_errors.append(error)
 

@@ -52,7 +52,7 @@ class ClientSession:
         self.number = number
         self.budget = budget
         self.origin = f"{ctx.node_id}/{number}"
-        self.name = f"guest-{number}"
+        self.default_name = self.name = f"guest-{number}"
         self.channel = ctx.default_channel
         self.echo = False
         self.channel_asked = False
@@ -113,6 +113,8 @@ class ClientSession:
                     nursery.start_soon(self._end_when_token_expires, self.identity)
                 if self.recovery is not None:
                     self._charge_replay(self.recovery)
+                if self.name != self.default_name:
+                    await self._keep_name_unless_taken()
                 await self.join(self.recovery, greeting=True)
                 await self.read_until_done()
                 self.outbox.close(self.goodbye())
@@ -325,6 +327,12 @@ class ClientSession:
         """A rename or a move reads as leaving and joining again, for everyone."""
         self._check_identity(name, channel)
         new_name, new_channel = name or self.name, channel or self.channel
+        if (new_name, new_channel) != (self.name, self.channel) and await self._taken(
+            new_name, new_channel
+        ):
+            raise ProtocolError(
+                ErrorCode.NAME_TAKEN, f"someone in #{new_channel} is already called {new_name}"
+            )
         if new_channel != self.channel:
             await self.leave()
             self.name, self.channel = new_name, new_channel
@@ -340,6 +348,30 @@ class ClientSession:
             if self.announce:
                 await self.ctx.presence.enter(self.channel, self.origin, self.name)
             self._announce("join")
+
+    async def _taken(self, name: str, channel: str) -> bool:
+        """Whether another client in ``channel`` goes by ``name``. Without tokens names are
+        unique per channel, so nobody can pass for someone else; with tokens, one person may be
+        there several times (tabs, devices) under the name their token gives."""
+        if self.identity is not None or name.startswith("guest-"):
+            return False
+        try:
+            members = await self.ctx.notices.members(channel)
+        except BusUnavailable:
+            return False
+        ours = self._joined and (name, channel) == (self.name, self.channel)
+        return name in members and not ours
+
+    async def _keep_name_unless_taken(self) -> None:
+        if await self._taken(self.name, self.channel):
+            self.refuse_later(
+                ProtocolError(
+                    ErrorCode.NAME_TAKEN,
+                    f"someone in #{self.channel} is already called {self.name}; "
+                    f"you are {self.default_name}",
+                )
+            )
+            self.name = self.default_name
 
     def _announce(self, kind: str) -> None:
         """Others learn of it in the channel's next ``presence_diff`` (presence_notices.py)."""

@@ -7,6 +7,7 @@ class ErrorCode(StrEnum):
     BAD_JSON = "bad_json"
     BAD_COMMAND = "bad_command"
     BAD_NAME = "bad_name"
+    NAME_TAKEN = "name_taken"
     BAD_CHANNEL = "bad_channel"
     BAD_TEXT = "bad_text"
     TEXT_TOO_LONG = "text_too_long"

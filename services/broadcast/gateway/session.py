@@ -113,7 +113,10 @@ class ClientSession:
                     nursery.start_soon(self._end_when_token_expires, self.identity)
                 if self.recovery is not None:
                     self._charge_replay(self.recovery)
-                if self.name != self.default_name:
+                resuming = self.recovery is not None and self.recovery.since is not None
+                if self.name != self.default_name and not resuming:
+                    # A client resuming (since=) is taken to be the one that had the name: its
+                    # old entry may outlive a gateway that died, for up to a presence expiry.
                     await self._keep_name_unless_taken()
                 await self.join(self.recovery, greeting=True)
                 await self.read_until_done()

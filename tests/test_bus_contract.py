@@ -95,10 +95,13 @@ async def test_the_payload_is_exactly_the_envelope(gateway: Gateway) -> None:
     sent = body("general", text)
     message_id = await bus.publish_message("general", sent)
     (delivered,) = await recorder.wait_for("general", 1)
-    assert delivered == message_payload(message_id, sent)
+    epoch = (await bus.history("general")).epoch
+    assert epoch  # made by the first message
+    assert delivered == message_payload(message_id, sent, epoch)
     assert json.loads(delivered) == {
         "type": "message",
         "id": message_id,
+        "epoch": epoch,
         "channel": "general",
         "sender": "alice",
         "text": text,

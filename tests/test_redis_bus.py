@@ -15,9 +15,9 @@ import trio
 
 from broadcast.bus.base import BusUnavailable
 from broadcast.bus.continuity import Continuity
-from broadcast.bus.ids import gap_payload, payload_message_id
 from broadcast.bus.redis_bus import RedisBus
 from broadcast.protocol.envelope import event_payload, message_payload, parse_id
+from broadcast.protocol.ids import gap_payload, payload_message_id
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 from tests.test_bus_contract import WAIT, Recorder, body
@@ -73,7 +73,7 @@ async def test_redis_down_fails_fast_then_heals_with_its_channels(
         await bus.publish_message(channel, body(channel, "back"))
         (payload,) = await recorder.wait_for(channel, 1)
         assert json.loads(payload)["text"] == "back"
-    assert "redis connection lost (subscriber:" in caplog.text
+    assert "redis subscriber connection lost (" in caplog.text
     assert "resubscribed 2 channels" in caplog.text
 
 
@@ -207,19 +207,29 @@ async def test_monitor_shows_readable_json(redis_server: RedisServer, start_bus:
         await monitor.wait()
     lines = seen.decode().splitlines()
     (evalsha,) = [line for line in lines if '"EVALSHA"' in line]
-    assert '"1" "broadcast:history:general" "broadcast:channel:general" "1000" "3600000"' in evalsha
-    # The first message of a millisecond also trims by age and renews the expiry (an hour).
+    keys = '"2" "broadcast:history:general" "broadcast:epoch:general" "broadcast:channel:general"'
+    assert f'{keys} "1000" "3600000" "86400000"' in evalsha
+    # The channel's first message makes its epoch (Redis's TIME in hex, the gateway's tag).
+    epoch = (await admin(redis_server, "get", "broadcast:epoch:general")).decode()
+    assert len(epoch) == 17 and f'"86400000" "{epoch[-4:]}" ' in evalsha
+    (make_epoch,) = [line for line in lines if '"SET"' in line]
+    assert make_epoch.endswith(f'"SET" "broadcast:epoch:general" "{epoch}" "PX" "86400000"')
+    # The first message of a millisecond also trims by age and renews the expiries (an hour for
+    # the history, a day for the epoch).
     (trim,) = [line for line in lines if '"XTRIM"' in line]
     oldest = int(trim.rsplit('"MINID" "~" ', 1)[1].strip('"'))
     assert oldest == parse_id(message_id)[0] - 3_600_000 and "[0 lua]" in trim
-    (expire,) = [line for line in lines if '"PEXPIRE"' in line]
-    assert expire.endswith('"PEXPIRE" "broadcast:history:general" "3600000"')
+    expires = [line.split('"PEXPIRE" ', 1)[1] for line in lines if '"PEXPIRE"' in line]
+    assert expires == [
+        '"broadcast:history:general" "3600000"',
+        '"broadcast:epoch:general" "86400000"',
+    ]
     (publish,) = [line for line in lines if '"PUBLISH"' in line]
     assert "[0 lua]" in publish
     quoted = publish.split('"PUBLISH" "broadcast:channel:general" ', 1)[1]
     assert quoted.startswith('"{\\"type\\":\\"message\\",\\"id\\":\\"')
     payload = quoted[1:-1].replace('\\"', '"').encode()  # redis-cli escapes only the quotes here
-    assert payload == message_payload(message_id, sent)
+    assert payload == message_payload(message_id, sent, epoch)
 
 
 async def test_the_password_stays_out_of_names_and_logs(
@@ -542,3 +552,28 @@ def test_a_foreign_payload_with_a_bad_id_does_not_break_tracking() -> None:
     assert continuity.admit("general", b'{"type":"message","id":"oops","text":"?"}')
     assert continuity.last("general") is None  # unknown again: no refill rather than a crash
     assert continuity.begin(["general"]) == []
+
+
+async def test_a_primary_demoted_behind_our_back_is_left(
+    redis_server: RedisServer, start_bus: StartBus
+) -> None:
+    """``REPLICAOF`` turns our Redis into a replica: writes answer READONLY. The publish fails
+    (not acknowledged) and the publisher drops the connection to look for the primary again,
+    rather than staying on a server that refuses every write."""
+    bus, _ = await start_bus()
+    await bus.publish_message("general", body("general", "before"))
+    other = RedisServer()
+    other.start()
+    try:
+        await admin(redis_server, "replicaof", "127.0.0.1", other.port)
+        with pytest.raises(BusUnavailable, match="read-only"):
+            await bus.publish_message("general", body("general", "refused"))
+        with trio.fail_after(WAIT):
+            await bus.wait_ready(False)
+        await admin(redis_server, "replicaof", "no", "one")
+        with trio.fail_after(2 * WAIT):
+            await bus.wait_ready()
+        await bus.publish_message("general", body("general", "after"))
+        assert bus.reconnects >= 1
+    finally:
+        other.close()

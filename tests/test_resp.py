@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trio
 
-from broadcast.bus.resp import (
+from broadcast.redis.resp import (
     RedisAddress,
     RedisConnection,
     RedisConnectionError,

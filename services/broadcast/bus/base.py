@@ -8,6 +8,7 @@ from typing import NamedTuple, Protocol
 import trio
 
 from broadcast.protocol.limits import RECOVERY_LIMIT
+from broadcast.redis.errors import Unavailable
 
 
 class Delivery(NamedTuple):
@@ -21,9 +22,9 @@ DeliverBatch = Callable[[list[Delivery]], None]
 """Called with each batch in bus order. Must not block: it only queues bytes for clients."""
 
 
-class BusUnavailable(Exception):
-    """The bus cannot take a publish or answer a read right now (Redis down, or no answer in
-    time)."""
+BusUnavailable = Unavailable
+"""The bus (or presence) cannot take a publish or answer a read right now (Redis down, or no
+answer in time). One class with ``broadcast.redis.errors.Unavailable``."""
 
 
 class History(NamedTuple):
@@ -34,6 +35,12 @@ class History(NamedTuple):
     complete: bool
     """False when a message that belongs in the answer is, or may be, gone: trimmed by length or
     age, cut by ``limit``, or lost with the stream itself (see ``Bus.history``)."""
+    epoch: str = ""
+    """The channel's current epoch (docs/reliability.md, "Epochs"): ids compare only within one.
+    Empty when the channel has none yet (RedisBus: no message since Redis started empty)."""
+    reset: bool = False
+    """The caller's ``epoch`` is not the current one: the history restarted, and ``messages``
+    are the newest of the current epoch from its start, whatever ``after`` said."""
 
 
 class Bus(Protocol):
@@ -78,6 +85,7 @@ class Bus(Protocol):
         after: str | None = None,
         last: int = 0,
         limit: int = RECOVERY_LIMIT,
+        epoch: str | None = None,
     ) -> History:
         """Read the channel's stored messages (what a reconnecting client missed, or a backlog).
 
@@ -88,8 +96,19 @@ class Bus(Protocol):
         recreated); MemoryBus knows exactly. Without ``after``: the newest ``last`` messages (at
         most ``limit``), complete unless ``limit`` cut them.
 
-        Ids compare as ``(ms, seq)`` integer pairs. A malformed ``after``, a negative ``last``
-        or a ``limit`` below 1 raises ValueError; BusUnavailable when the bus cannot answer.
+        Ids compare as ``(ms, seq)`` integer pairs, and only within one epoch. ``epoch`` is the
+        epoch ``after`` belongs to (from the client; None or empty: not known, ``after`` is taken
+        as an id of the current epoch). When it is not the channel's current epoch, the answer
+        is a *reset*: ``reset=True`` and, with ``after``, the newest ``limit`` messages of the
+        current epoch from its start. A reset answer is ``complete`` only when the bus can vouch
+        for the whole current epoch and for nothing lost at the end of the old one: MemoryBus
+        says True when nothing was trimmed since its process started; RedisBus always says False
+        (the old Redis's tail may have been lost). Without ``after``, ``reset`` only tells that
+        the epoch changed; ``last`` and ``complete`` mean what they always do. Every answer
+        carries the current ``epoch``.
+
+        A malformed ``after``, a negative ``last`` or a ``limit`` below 1 raises ValueError;
+        BusUnavailable when the bus cannot answer.
         """
         ...
 

@@ -18,6 +18,15 @@ remembers the last id it delivered per channel can read what it missed from the 
 
 Notices without an id (join, leave, probes) pass through at most once, held in order with
 their channel's messages during a fill and dropped only with an overflowing hold.
+
+Ids compare only within an epoch (docs/reliability.md, "Epochs"). Each message payload carries
+its channel's epoch right after the id; the epoch of the last delivered message is remembered
+with its id. A refill asks for the history of that epoch: when the channel's epoch changed
+meanwhile (Redis lost the stream: restarted empty, a failover before replication), the read is
+a *reset*: the whole current history, delivered from its start, whatever the ids look like.
+After a refill, live payloads are compared with the refilled ids only within the same epoch,
+so a message of a new epoch is never dropped as "already seen", even when Redis's clock went
+back and its id is below every id delivered before.
 """
 
 from __future__ import annotations
@@ -25,17 +34,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from broadcast.bus.base import Delivery
-from broadcast.bus.ids import (
+from broadcast.protocol.ids import (
+    MESSAGE_PREFIX,
     ZERO_ID,
     MessageId,
+    epoch_after_id,
     format_id,
     gap_payload,
     parse_message_id,
+    payload_epoch,
     payload_message_id,
 )
 
-_MESSAGE_PREFIX = b'{"type":"message","id":"'
-_ID_START = len(_MESSAGE_PREFIX)
+_ID_START = len(MESSAGE_PREFIX)
 _ID_END = _ID_START + 42  # two 20-digit numbers and a dash
 
 # Held live payloads across all channels being filled. A fill takes one round trip, so this is
@@ -47,12 +58,14 @@ HOLD_LIMIT_BYTES = 8 << 20
 class Fill:
     """One channel being refilled after a reconnect."""
 
-    __slots__ = ("after", "channel", "dropped_max", "held", "held_bytes", "overflowed")
+    __slots__ = ("after", "channel", "dropped_max", "epoch", "held", "held_bytes", "overflowed")
 
-    def __init__(self, channel: str, after: MessageId) -> None:
+    def __init__(self, channel: str, after: MessageId, epoch: bytes | None = None) -> None:
         self.channel = channel
         self.after = after
         """Read the history after this id (the last delivered, then where the last read got)."""
+        self.epoch = epoch
+        """The epoch ``after`` belongs to; None: unknown (compare ids as they are)."""
         self.held: list[bytes] = []
         self.held_bytes = 0
         self.overflowed = False
@@ -65,7 +78,9 @@ class Continuity:
 
     def __init__(self, hold_limit_bytes: int = HOLD_LIMIT_BYTES) -> None:
         self._last: dict[str, bytes] = {}  # the last delivered id per channel, as sent
-        self._checking: dict[str, MessageId] = {}  # after a refill: live ids must pass these
+        self._epochs: dict[str, bytes] = {}  # the epoch of that id, where known
+        # After a refill: live ids of the same epoch must pass these.
+        self._checking: dict[str, tuple[bytes | None, MessageId]] = {}
         self._fills: dict[str, Fill] = {}
         self._hold_limit = hold_limit_bytes
         self._held_bytes = 0
@@ -73,6 +88,8 @@ class Continuity:
         self.duplicates = 0
         self.refilled = 0
         self.gaps = 0
+        self.resets = 0
+        """Refills that found their channel in a new epoch (its history restarted)."""
 
     @property
     def filling(self) -> frozenset[str]:
@@ -88,24 +105,34 @@ class Continuity:
         except ValueError:  # sliced, unchecked, from a payload someone else published
             return None
 
-    def _set_last(self, channel: str, message_id: MessageId) -> None:
+    def epoch(self, channel: str) -> bytes | None:
+        """The epoch of ``last(channel)``; None if not known."""
+        return self._epochs.get(channel)
+
+    def _set_last(self, channel: str, message_id: MessageId, epoch: bytes | None) -> None:
         self._last[channel] = format_id(message_id).encode()
+        if epoch is None:
+            self._epochs.pop(channel, None)
+        else:
+            self._epochs[channel] = epoch
 
     @property
     def held_bytes(self) -> int:
         return self._held_bytes
 
-    def track(self, channel: str, baseline: MessageId | None) -> None:
+    def track(self, channel: str, baseline: MessageId | None, epoch: bytes | None = None) -> None:
         """A channel is subscribed; ``baseline`` is its stream's newest id, read while
-        subscribing: where a reconnect refills from if no message was delivered yet (None:
-        unknown, then tracking starts with the first message delivered). A message delivered
-        already wins: its id says exactly where delivery got to."""
+        subscribing, and ``epoch`` the channel's epoch then: where a reconnect refills from if
+        no message was delivered yet (None: unknown, then tracking starts with the first message
+        delivered). A message delivered already wins: its id says exactly where delivery got
+        to."""
         if baseline is not None and channel not in self._last:
-            self._set_last(channel, baseline)
+            self._set_last(channel, baseline, epoch)
 
     def forget(self, channel: str) -> None:
         """The channel is unsubscribed: nothing more is delivered or refilled for it."""
         self._last.pop(channel, None)
+        self._epochs.pop(channel, None)
         self._checking.pop(channel, None)
         fill = self._fills.pop(channel, None)
         if fill is not None:
@@ -118,22 +145,28 @@ class Continuity:
             if fill is not None:
                 self._hold(fill, payload)
                 return False
-        if not payload.startswith(_MESSAGE_PREFIX):
+        if not payload.startswith(MESSAGE_PREFIX):
             return True  # a notice
         end = payload.find(b'"', _ID_START, _ID_END)
         if end < 0:
             return True  # malformed: passed on, the gateway drops it
+        epoch = epoch_after_id(payload, end)
         if self._checking:
-            floor = self._checking.get(channel)
-            if floor is not None:
-                message_id = payload_message_id(payload)
-                if message_id is None:
-                    return True
-                if message_id <= floor:
-                    self.duplicates += 1
-                    return False
+            check = self._checking.get(channel)
+            if check is not None:
+                floor_epoch, floor = check
+                # Another epoch than the refill's is a new history: nothing in it was delivered.
+                if epoch is None or epoch == floor_epoch:
+                    message_id = payload_message_id(payload)
+                    if message_id is None:
+                        return True
+                    if message_id <= floor:
+                        self.duplicates += 1
+                        return False
                 del self._checking[channel]  # past the refill: ids only increase from here
         self._last[channel] = payload[_ID_START:end]
+        if epoch is not None:
+            self._epochs[channel] = epoch
         return True
 
     def begin(self, channels: Iterable[str]) -> list[Fill]:
@@ -144,8 +177,22 @@ class Continuity:
             after = self.last(channel)
             if after is not None:
                 self._checking.pop(channel, None)  # the fill's own end sets it again
-                self._fills[channel] = Fill(channel, after)
+                self._fills[channel] = Fill(channel, after, self._epochs.get(channel))
         return list(self._fills.values())
+
+    def begin_one(self, channel: str) -> Fill | None:
+        """Hold ``channel``'s live payloads for a refill of its own (it moved here from another
+        connection), leaving other fills alone; None when its last id is not known."""
+        after = self.last(channel)
+        if after is None or channel in self._fills:
+            return None
+        self._checking.pop(channel, None)
+        fill = self._fills[channel] = Fill(channel, after, self._epochs.get(channel))
+        return fill
+
+    def filling_with(self, fill: Fill) -> bool:
+        """Whether ``fill`` is still wanted (not abandoned with its connection, not forgotten)."""
+        return self._fills.get(fill.channel) is fill
 
     def abandon(self) -> None:
         """The connection was lost: drop the holds; the next ``begin`` refills from ``last``."""
@@ -154,11 +201,22 @@ class Continuity:
         self._fills.clear()
 
     def finish(
-        self, fill: Fill, messages: list[bytes], *, gap: bool, final: bool = True
+        self,
+        fill: Fill,
+        messages: list[bytes],
+        *,
+        gap: bool,
+        final: bool = True,
+        reset: bool = False,
+        epoch: bytes | None = None,
     ) -> tuple[list[Delivery], bool]:
         """Apply one history read (``messages`` oldest first; ``gap``: it cannot vouch for all
         that was missed). Returns the batch to deliver and whether the fill is done; when it is
-        not, read again after ``fill.after``. ``final``: no further read will be made."""
+        not, read again after ``fill.after``. ``final``: no further read will be made.
+
+        ``reset``: the channel's epoch is no longer ``fill.epoch``; ``messages`` are then the
+        whole history of ``epoch`` (None: the channel has no epoch yet), delivered from its
+        start. Without ``reset``, ``epoch`` is ignored: the read was of ``fill.epoch``."""
         channel = fill.channel
         if self._fills.get(channel) is not fill:
             return [], True  # unsubscribed, or the connection was lost, meanwhile
@@ -166,6 +224,9 @@ class Continuity:
         if gap:
             batch.append(Delivery(channel, gap_payload(channel)))
             self.gaps += 1
+        if reset:
+            self.resets += 1
+            fill.after, fill.epoch = ZERO_ID, epoch
         last = fill.after
         for payload in messages:
             message_id = payload_message_id(payload)
@@ -174,7 +235,8 @@ class Continuity:
                 last = message_id
                 self.refilled += 1
         fill.after = last
-        self._set_last(channel, last)  # so a connection lost before the next read resumes here
+        # So that a connection lost before the next read resumes here.
+        self._set_last(channel, last, fill.epoch)
         if fill.overflowed:
             if fill.dropped_max > last:
                 if not final:
@@ -188,14 +250,18 @@ class Continuity:
                 message_id = payload_message_id(payload)
                 if message_id is None:
                     batch.append(Delivery(channel, payload))
-                elif message_id > last:
+                    continue
+                held_epoch = payload_epoch(payload)
+                if message_id > last or (held_epoch is not None and held_epoch != fill.epoch):
                     batch.append(Delivery(channel, payload))
                     last = message_id
+                    if held_epoch is not None:
+                        fill.epoch = held_epoch  # a newer epoch began after the read
                 else:
                     self.duplicates += 1
-        self._set_last(channel, last)
+        self._set_last(channel, last, fill.epoch)
         # Live copies of refilled messages may still be on their way on the subscription.
-        self._checking[channel] = last
+        self._checking[channel] = (fill.epoch, last)
         self._release(fill)
         del self._fills[channel]
         return batch, True

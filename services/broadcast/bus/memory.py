@@ -4,6 +4,7 @@ whether an answer is complete."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -11,8 +12,8 @@ from collections.abc import Callable
 import trio
 
 from broadcast.bus.base import DeliverBatch, Delivery, History
-from broadcast.bus.ids import ZERO_ID, MessageId, format_id, parse_message_id
 from broadcast.protocol.envelope import message_payload
+from broadcast.protocol.ids import ZERO_ID, MessageId, format_id, parse_message_id
 from broadcast.protocol.limits import HISTORY_LENGTH, HISTORY_MAX_AGE_SECONDS, RECOVERY_LIMIT
 
 
@@ -37,8 +38,10 @@ class MemoryBus:
     """Orders each channel by handing out ids and delivering synchronously, as Redis would.
 
     ``clock`` (Unix seconds) drives both the ids and the ageing of the history, so tests can
-    age it without waiting. A channel's log is kept once used (a few hundred bytes once its
-    history has aged out): this bus serves one process and its channels, not a cluster.
+    age it without waiting. Every channel's epoch is the bus's: a random token made when the bus
+    is (once per process start), since the history lives and dies with the process. A channel's
+    log is kept once used (a few hundred bytes once its history has aged out): this bus serves
+    one process and its channels, not a cluster.
     """
 
     name = "memory (one process; pass --redis-url to scale out)"
@@ -60,6 +63,8 @@ class MemoryBus:
         self._deliver: DeliverBatch | None = None
         self._subscribed: set[str] = set()
         self._channels: dict[str, _ChannelLog] = {}
+        self.epoch = secrets.token_hex(8)
+        """The epoch of every channel's history on this bus."""
 
     async def run(
         self,
@@ -94,7 +99,7 @@ class MemoryBus:
         log = self._log(channel)
         now_ms = self._now_ms()
         message_id = self._next_id(log, now_ms)
-        payload = message_payload(format_id(message_id), body)
+        payload = message_payload(format_id(message_id), body, self.epoch)
         log.entries.append((message_id, payload))
         log.trim(self._history_length, now_ms - self._max_age_ms)
         self._hand_over(channel, payload)
@@ -115,15 +120,22 @@ class MemoryBus:
         after: str | None = None,
         last: int = 0,
         limit: int = RECOVERY_LIMIT,
+        epoch: str | None = None,
     ) -> History:
+        """See base.py. A reset answer (``epoch`` from another process) is complete when this
+        process trimmed nothing of the channel: it then holds everything published since."""
         after_id = None if after is None else parse_message_id(after)
         if last < 0 or limit < 1:
             raise ValueError("last must be at least 0 and limit at least 1")
         await trio.lowlevel.checkpoint()
+        reset = bool(epoch) and epoch != self.epoch
+        if reset and after_id is not None:
+            after_id = ZERO_ID
         log = self._channels.get(channel)
         if log is None:
             # Nothing here can vouch for an id from before (another process, a restart).
-            return History([], after_id is None or after_id == (0, 0))
+            complete = after_id is None or after_id == ZERO_ID
+            return History([], complete, self.epoch, reset)
         log.trim(self._history_length, self._now_ms() - self._max_age_ms)
         newest_first: list[bytes] = []
         if after_id is None:
@@ -146,7 +158,7 @@ class MemoryBus:
             del newest_first[limit:]
             complete = False
         newest_first.reverse()
-        return History(newest_first, complete)
+        return History(newest_first, complete, self.epoch, reset)
 
     async def subscribe(self, channel: str) -> None:
         await trio.lowlevel.checkpoint()

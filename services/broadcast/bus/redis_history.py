@@ -15,50 +15,67 @@ one expired, or Redis restarted without its data) that cannot say what came befo
 read as incomplete: the client is told plainly rather than left to guess. A missing stream
 vouches only for ``0-0`` (nothing was ever there). The subscriber's refill tells the harmless
 case apart (``lost_only_to_expiry``), see redis_bus.py.
+
+The same script reads the channel's epoch (its own key, made by the publish script) and takes
+the reader's: when they differ, the read is a *reset* and returns the newest entries from the
+stream's start instead of after ``after``, whose id means nothing in the current epoch.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from broadcast.bus.ids import ZERO_ID, MessageId, format_id, next_id, parse_message_id
 from broadcast.protocol.envelope import message_payload
+from broadcast.protocol.ids import ZERO_ID, MessageId, format_id, next_id, parse_message_id
+from broadcast.redis.scripts import Script
 
-# KEYS[1] the stream; ARGV[1] after (the "held at or before" probe), ARGV[2] the first id wanted
-# (inclusive; empty: none), ARGV[3] how many of the newest to return. Returns {TIME} for a
-# missing stream, else {TIME, length, entries-added, last-generated-id, max-deleted-entry-id,
-# entries at or before ARGV[1] (0 or 1), entries newest first}. No shebang flags, so the same
-# script loads on Redis 6 (where XINFO lacks the last two fields and every answer reads as
-# incomplete) instead of failing the publisher's start.
+# KEYS[1] the stream, KEYS[2] the channel's epoch; ARGV[1] after (the "held at or before"
+# probe), ARGV[2] the first id wanted (inclusive; empty: none), ARGV[3] how many of the newest to
+# return, ARGV[4] the reader's epoch (empty: not known). Returns {TIME, epoch, reset} for a
+# missing stream, else {TIME, epoch, reset, length, entries-added, last-generated-id,
+# max-deleted-entry-id, entries at or before ARGV[1] (0 or 1), entries newest first}; epoch is
+# empty when the key is missing, reset 1 when ARGV[4] is given and is not the epoch (entries are
+# then the newest from the start). No shebang flags, so the same script loads on Redis 6 (where
+# XINFO lacks the last two fields and every answer reads as incomplete) instead of failing the
+# publisher's start.
 HISTORY_SCRIPT = """\
 local key = KEYS[1]
 local now = redis.call('TIME')
-if redis.call('EXISTS', key) == 0 then return {now} end
+local epoch = redis.call('GET', KEYS[2]) or ''
+local reset = 0
+local first = ARGV[2]
+if ARGV[4] ~= '' and ARGV[4] ~= epoch then
+  reset = 1
+  first = '-'
+end
+if redis.call('EXISTS', key) == 0 then return {now, epoch, reset} end
 local info = redis.call('XINFO', 'STREAM', key)
 local field = {}
 for i = 1, #info, 2 do field[info[i]] = info[i + 1] end
 local entries = {}
-if ARGV[2] ~= '' and tonumber(ARGV[3]) > 0 then
-  entries = redis.call('XREVRANGE', key, '+', ARGV[2], 'COUNT', ARGV[3])
+if first ~= '' and tonumber(ARGV[3]) > 0 then
+  entries = redis.call('XREVRANGE', key, '+', first, 'COUNT', ARGV[3])
 end
 local held = #redis.call('XREVRANGE', key, ARGV[1], '-', 'COUNT', 1)
-return {now, field['length'], field['entries-added'] or -1, field['last-generated-id'],
+return {now, epoch, reset, field['length'], field['entries-added'] or -1,
+  field['last-generated-id'],
   field['max-deleted-entry-id'] or '18446744073709551615-18446744073709551615', held, entries}
 """
-HISTORY_SCRIPT_SHA = hashlib.sha1(HISTORY_SCRIPT.encode()).hexdigest()
+HISTORY = Script(HISTORY_SCRIPT)
 
 
-def history_args(after: MessageId, count: int) -> tuple[str, str, int]:
-    """ARGV of HISTORY_SCRIPT for the newest ``count`` entries after ``after``."""
+def history_args(
+    after: MessageId, count: int, epoch: str | None = None
+) -> tuple[str, str, int, str]:
+    """ARGV of HISTORY_SCRIPT for the newest ``count`` entries after ``after`` of ``epoch``."""
     first = next_id(after)
-    return format_id(after), "" if first is None else format_id(first), count
+    return format_id(after), "" if first is None else format_id(first), count, epoch or ""
 
 
-def entry_payloads(entries: list[Any]) -> list[bytes]:
-    """XRANGE-shaped entries as complete message payloads, in the order given. An entry without
-    an ``m`` field (not written by a gateway) is skipped."""
+def entry_payloads(entries: list[Any], epoch: str = "") -> list[bytes]:
+    """XRANGE-shaped entries as complete message payloads of ``epoch``, in the order given. An
+    entry without an ``m`` field (not written by a gateway) is skipped."""
     payloads = []
     for entry_id, fields in entries:
         if fields[:1] == [b"m"]:
@@ -68,7 +85,7 @@ def entry_payloads(entries: list[Any]) -> list[bytes]:
             if b"m" not in pairs:
                 continue
             body = pairs[b"m"]
-        payloads.append(message_payload(entry_id.decode(), body))
+        payloads.append(message_payload(entry_id.decode(), body, epoch))
     return payloads
 
 
@@ -80,6 +97,10 @@ class StreamRead:
     """Redis's clock (ids are made from it, so ages compare without skew)."""
     exists: bool
     newest_first: list[Any]
+    epoch: str = ""
+    """The channel's epoch; empty when it has none (no message since Redis lost its data)."""
+    reset: bool = False
+    """The reader's epoch was not ``epoch``: ``newest_first`` starts from the stream's start."""
     length: int = 0
     entries_added: int = -1
     last_generated: MessageId = ZERO_ID
@@ -90,13 +111,16 @@ class StreamRead:
     def decode(cls, reply: list[Any]) -> StreamRead:
         seconds, micros = reply[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        if len(reply) == 1:
-            return cls(now_ms, exists=False, newest_first=[])
-        length, added, last_generated, max_deleted, held, entries = reply[1:]
+        epoch, reset = reply[1].decode(), reply[2] == 1
+        if len(reply) == 3:
+            return cls(now_ms, exists=False, newest_first=[], epoch=epoch, reset=reset)
+        length, added, last_generated, max_deleted, held, entries = reply[3:]
         return cls(
             now_ms,
             exists=True,
             newest_first=entries,
+            epoch=epoch,
+            reset=reset,
             length=length,
             entries_added=added,
             last_generated=parse_message_id(last_generated),
@@ -106,7 +130,7 @@ class StreamRead:
 
     def messages(self, limit: int) -> list[bytes]:
         """The newest ``limit`` entries read, oldest first, as payloads."""
-        return entry_payloads(self.newest_first[:limit][::-1])
+        return entry_payloads(self.newest_first[:limit][::-1], self.epoch)
 
     def cut(self, limit: int) -> bool:
         """More than ``limit`` entries follow ``after`` (the script was asked for one more)."""

@@ -44,3 +44,9 @@ class PresenceStore(Protocol):
         Raises ``broadcast.bus.base.BusUnavailable`` when the store cannot answer.
         """
         ...
+
+    async def channels(self) -> dict[str, int]:
+        """Every channel with someone present, on every gateway, and how many distinct names
+        are in it (the server API's ``/api/channels``). Raises ``BusUnavailable`` as ``members``.
+        """
+        ...

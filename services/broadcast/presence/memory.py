@@ -30,3 +30,7 @@ class MemoryPresence:
     async def members(self, channel: str) -> list[str]:
         await trio.lowlevel.checkpoint()
         return sorted(set(self._channels.get(channel, {}).values()))
+
+    async def channels(self) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        return {channel: len(set(keys.values())) for channel, keys in self._channels.items()}

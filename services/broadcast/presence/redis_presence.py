@@ -17,44 +17,38 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
-from broadcast.bus.base import BusUnavailable
-from broadcast.bus.resp import (
-    Arg,
-    RedisConnection,
-    RedisConnectionError,
-    RedisError,
-    RedisReplyError,
-    RedisTimeout,
-    open_connection,
-    parse_url,
-)
 from broadcast.presence.base import OnExpired
 from broadcast.presence.entries import LocalEntries, Update
 from broadcast.presence.scripts import (
     MEMBERS,
     SCRIPTS,
     UPDATE,
-    Script,
     decode_member,
     encode_member,
     presence_key,
 )
+from broadcast.redis.cluster import SCHEME as CLUSTER_SCHEME
+from broadcast.redis.errors import Unavailable
+from broadcast.redis.resp import (
+    Arg,
+    RedisConnection,
+    RedisConnectionError,
+    RedisError,
+    RedisReplyError,
+    RedisTimeout,
+)
+from broadcast.redis.scripts import Script, is_read_only, load_scripts, run_scripts
+from broadcast.redis.supervise import Connected, keep_connected
+from broadcast.redis.topology import Topology, topology_for
 
 log = logging.getLogger("broadcast.presence.redis")
 
-# Reconnect delays as in RedisBus: full jitter over an exponential range, so a restarted Redis
-# is not hit by every gateway at once, and a Redis that is down costs one attempt per ~5 s.
-BACKOFF_START = 0.1
-BACKOFF_CAP = 5.0
-# A connection that stayed up this long resets the backoff; shorter lives count as flapping.
-STABLE_AFTER = 5.0
 # A channel's set expires this many TTLs after its last write. Every write renews it and no
 # entry lives longer than one TTL past a write, so a live entry never loses its set, while the
 # set of a channel whose gateways all died vanishes by itself.
@@ -86,14 +80,13 @@ class RedisPresence:
             raise ValueError("refresh_interval must be positive and shorter than ttl")
         if command_timeout <= 0:
             raise ValueError("command_timeout must be positive")
-        self._address = parse_url(url)
-        self.name = self._address.redacted()
+        self._topology = self._make_topology(url, command_timeout, ssl_context)
+        self.name = self._topology.name
         """The redacted URL, for logs: the password never appears."""
         self._on_expired = on_expired
         self._ttl = ttl
         self._refresh_interval = refresh_interval
         self._command_timeout = command_timeout
-        self._ssl_context = ssl_context
         self._key_expiry_ms = math.ceil(KEY_EXPIRY_TTLS * ttl * 1000)
         self._entries = LocalEntries(watch_seconds=WATCH_TTLS * ttl)
         self._connection: RedisConnection | None = None
@@ -109,6 +102,18 @@ class RedisPresence:
         self.expired = 0
         """Entries of other gateways this store swept and reported to ``on_expired``."""
 
+    def __new__(cls, url: str, **options: Any) -> Any:
+        """``RedisPresence("redis+cluster://…")`` makes a ClusterPresence, with the same
+        interface (redis_cluster_presence.py)."""
+        if cls is RedisPresence and url.startswith(CLUSTER_SCHEME + "://"):
+            from broadcast.presence.redis_cluster_presence import ClusterPresence
+
+            return ClusterPresence(url, **options)
+        return super().__new__(cls)
+
+    def _make_topology(self, url: str, command_timeout: float, ssl_context: Any) -> Topology:
+        return topology_for(url, command_timeout=command_timeout, ssl_context=ssl_context)
+
     @property
     def ready(self) -> bool:
         """True while connected to Redis (``members`` can answer)."""
@@ -121,8 +126,29 @@ class RedisPresence:
         if self._running:
             raise RuntimeError("this RedisPresence is already running")
         self._running = True
+        started = False
+
+        def tried() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        def reconnected() -> None:
+            self.reconnects += 1
+
         try:
-            await self._keep_connected(task_status)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._topology.run)
+                await keep_connected(
+                    "presence",
+                    self._topology.describe,
+                    self._session,
+                    log=log,
+                    tried=tried,
+                    reconnected=reconnected,
+                    wake=lambda: self._topology.moved,
+                )
         finally:
             self._running = False
 
@@ -146,10 +172,49 @@ class RedisPresence:
         try:
             (reply,) = await self._call([(MEMBERS, channel, ())])
         except RedisError as exc:
-            raise BusUnavailable(f"presence unavailable: {exc}") from None
+            raise Unavailable(f"presence unavailable: {exc}") from None
         if isinstance(reply, RedisReplyError):
-            raise BusUnavailable(f"redis refused the presence query ({reply.code})")
+            raise Unavailable(f"redis refused the presence query ({reply.code})")
         return sorted({decode_member(member)[1] for member in reply})
+
+    async def channels(self) -> dict[str, int]:
+        try:
+            channels = await self._scan_channels()
+            replies = await self._call([(MEMBERS, channel, ()) for channel in channels])
+        except RedisError as exc:
+            raise Unavailable(f"presence unavailable: {exc}") from None
+        counts = {}
+        for channel, reply in zip(channels, replies, strict=True):
+            if isinstance(reply, RedisReplyError):
+                raise Unavailable(f"redis refused the presence query ({reply.code})")
+            if names := {decode_member(member)[1] for member in reply}:
+                counts[channel] = len(names)
+        return counts
+
+    async def _scan_channels(self) -> list[str]:
+        """Every channel with a presence set, by SCAN (never blocks Redis as KEYS would), within
+        ``command_timeout``; each SCAN runs under the lock, shielded as in ``_call``."""
+        found: set[str] = set()
+        cursor: bytes | int = 0
+        with trio.move_on_after(self._command_timeout):
+            while True:
+                async with self._lock:
+                    connection = self._connection
+                    if connection is None:
+                        raise RedisConnectionError(f"{self.name}: not connected")
+                    with trio.CancelScope(shield=True):
+                        try:
+                            cursor, keys = await connection.execute(
+                                "SCAN", cursor, "MATCH", presence_key("*"), "COUNT", 1000
+                            )
+                        except RedisError as exc:
+                            if connection.closed:
+                                self._lose(connection, str(exc))
+                            raise
+                found.update(key.decode()[len(presence_key("")) :] for key in keys)
+                if int(cursor) == 0:
+                    return sorted(found)
+        raise RedisTimeout(f"{self.name}: presence channels not listed within the timeout")
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -195,11 +260,14 @@ class RedisPresence:
                     raise RedisConnectionError(f"{self.name}: not connected")
                 with trio.CancelScope(deadline=deadline, shield=True):
                     try:
-                        return await self._run_scripts(connection, commands)
+                        replies = await self._run_scripts(connection, commands)
                     except RedisError as exc:
                         if connection.closed:
                             self._lose(connection, str(exc))
                         raise
+                    if any(map(is_read_only, replies)):  # a demoted primary: find the new one
+                        self._lose(connection, "redis is a read-only replica now")
+                    return replies
                 # Our deadline struck mid round trip; resp closed the connection.
                 self._lose(connection, f"no answer within {self._command_timeout} s")
                 raise RedisTimeout(f"{self.name}: no answer within {self._command_timeout} s")
@@ -214,88 +282,20 @@ class RedisPresence:
 
     @staticmethod
     async def _run_scripts(connection: RedisConnection, commands: Sequence[Command]) -> list[Any]:
-        """EVALSHA each command in one pipelined write; what Redis forgot (NOSCRIPT: a SCRIPT
-        FLUSH) goes again as EVAL, which also caches the script again."""
-        replies = await connection.pipeline(
-            ("EVALSHA", script.sha, 1, presence_key(channel), *arguments)
-            for script, channel, arguments in commands
+        """EVALSHA each command in one pipelined write (EVAL for what Redis forgot)."""
+        return await run_scripts(
+            connection,
+            [(script, (1, presence_key(channel), *args)) for script, channel, args in commands],
         )
-        unknown = [
-            index
-            for index, reply in enumerate(replies)
-            if isinstance(reply, RedisReplyError) and reply.code == "NOSCRIPT"
-        ]
-        if unknown:
-            log.info("redis lost the presence scripts; sending them again")
-            again = await connection.pipeline(
-                ("EVAL", script.source, 1, presence_key(channel), *arguments)
-                for script, channel, arguments in (commands[index] for index in unknown)
-            )
-            for index, reply in zip(unknown, again, strict=True):
-                replies[index] = reply
-        return replies
 
     # -- the loop --------------------------------------------------------------------------
 
-    async def _keep_connected(self, task_status: trio.TaskStatus[None]) -> None:
-        """Run sessions again and again with backoff, as RedisBus does; each new reason for an
-        outage is logged once."""
-        attempt = 0
-        ever_up = False
-        started = False
-        outage: str | None = None
-        while True:
-            up_since: float | None = None
-
-            def connected(detail: str) -> None:
-                nonlocal up_since, ever_up, outage, started
-                up_since = trio.current_time()
-                if ever_up:
-                    self.reconnects += 1
-                if ever_up or outage is not None:
-                    log.info("redis presence connected to %s%s", self.name, detail)
-                ever_up, outage = True, None
-                if not started:
-                    started = True
-                    task_status.started()
-
-            try:
-                await self._session(connected)
-            except RedisError as exc:
-                reason = str(exc)
-            else:  # pragma: no cover - sessions only end by raising
-                reason = "session ended"
-            if not started:
-                started = True
-                task_status.started()
-            if up_since is not None:
-                log.warning("redis presence connection lost (%s), reconnecting", reason)
-                if trio.current_time() - up_since >= STABLE_AFTER:
-                    attempt = 0
-            elif reason != outage:
-                log.warning("redis presence cannot connect (%s), retrying", reason)
-            else:
-                log.debug("redis presence still cannot connect (%s)", reason)
-            outage = reason
-            await trio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_START * 2**attempt)))
-            attempt += 1
-
-    async def _session(self, connected: Callable[[str], None]) -> None:
+    async def _session(self, connected: Connected) -> None:
         """Connect, load the scripts, then refresh and sweep every ``refresh_interval`` (the
         first round at once: that is the healing) until the connection fails."""
-        connection = await open_connection(
-            self._address,
-            command_timeout=self._command_timeout,
-            client_name="broadcast-presence",
-            ssl_context=self._ssl_context,
-        )
+        connection = await self._topology.connect("broadcast-presence")
         try:
-            loaded = await connection.pipeline(("SCRIPT", "LOAD", s.source) for s in SCRIPTS)
-            for script, reply in zip(SCRIPTS, loaded, strict=True):
-                if isinstance(reply, RedisReplyError):
-                    raise reply
-                if reply.decode() != script.sha:
-                    raise RedisError(f"SCRIPT LOAD returned {reply!r}, expected {script.sha}")
+            await load_scripts(connection, SCRIPTS)
             lost = self._lost = trio.Event()
             self._connection = connection
             connected(f", refreshing {len(self._entries)} entries")

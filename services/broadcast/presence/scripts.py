@@ -10,8 +10,7 @@ TIME before writing is allowed; Redis 7 has no other mode.)
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from broadcast.redis.scripts import Script
 
 KEY_PREFIX = "broadcast:presence:"
 
@@ -19,17 +18,6 @@ _NOW = """\
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
-
-
-@dataclass(frozen=True)
-class Script:
-    """A Lua script and its SHA1, for EVALSHA (and EVAL when Redis lost its script cache)."""
-
-    source: str
-    sha: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 # KEYS[1] the channel's set. ARGV: [1] ttl seconds, [2] the key's expiry in ms, [3] '1' to sweep,

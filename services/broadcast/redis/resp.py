@@ -89,7 +89,8 @@ def parse_url(url: str) -> RedisAddress:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(
-            f"unsupported Redis URL scheme {parts.scheme!r}: use redis:// or rediss://"
+            f"unsupported Redis URL scheme {parts.scheme!r}:"
+            " use redis://, rediss:// or redis+sentinel://"
         )
     try:
         port = parts.port or DEFAULT_PORT

@@ -1,5 +1,7 @@
-"""Message ids as the buses handle them: strict parsing, the next id, and the hot-path read of
-a payload's id. Ids are Redis stream ids ``<ms>-<seq>`` and compare as integer pairs."""
+"""Message ids, defined once for the buses, the gateway, the CLI and the benchmarks: strict
+parsing, the next id, and the hot-path reads of a payload's id and epoch. Ids are Redis stream
+ids ``<ms>-<seq>`` and compare as integer pairs, and only within one epoch
+(docs/reliability.md, "Epochs")."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ ZERO_ID: MessageId = (0, 0)
 _ID_PART_LIMIT = 1 << 64
 _ID_RE = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
 
-_MESSAGE_PREFIX = b'{"type":"message","id":"'
-_ID_START = len(_MESSAGE_PREFIX)
+MESSAGE_PREFIX = b'{"type":"message","id":"'
+"""How every message payload starts: its id follows, then ``"epoch"`` (envelope.py)."""
+_ID_START = len(MESSAGE_PREFIX)
 
 
 def parse_message_id(text: str | bytes) -> MessageId:
@@ -50,7 +53,7 @@ def payload_message_id(payload: bytes) -> MessageId | None:
     """The id of a message payload, read from its fixed prefix without parsing the JSON (every
     delivered payload goes through here); None for notices and for anything malformed, which
     are passed on as they are."""
-    if not payload.startswith(_MESSAGE_PREFIX):
+    if not payload.startswith(MESSAGE_PREFIX):
         return None
     end = payload.find(b'"', _ID_START, _ID_START + 42)  # two 20-digit numbers and a dash
     if end < 0:
@@ -62,6 +65,30 @@ def payload_message_id(payload: bytes) -> MessageId | None:
         return int(ms), int(seq)
     except ValueError:
         return None
+
+
+_EPOCH_FIELD = b',"epoch":"'
+# Epochs are short tokens (RedisBus: 17 hex digits; MemoryBus: 16); a longer one is not ours.
+EPOCH_MAX_LENGTH = 64
+
+
+def payload_epoch(payload: bytes) -> bytes | None:
+    """The ``"epoch"`` of a message payload, read from its fixed place right after the id
+    (``envelope.message_payload``); None for notices, and for payloads without one (published
+    by a gateway from before epochs)."""
+    if not payload.startswith(MESSAGE_PREFIX):
+        return None
+    end = payload.find(b'"', _ID_START, _ID_START + 42)
+    return None if end < 0 else epoch_after_id(payload, end)
+
+
+def epoch_after_id(payload: bytes, id_end: int) -> bytes | None:
+    """The epoch of a message payload whose id ends (its closing quote) at ``id_end``."""
+    if not payload.startswith(_EPOCH_FIELD, id_end + 1):
+        return None
+    start = id_end + 1 + len(_EPOCH_FIELD)
+    end = payload.find(b'"', start, start + EPOCH_MAX_LENGTH + 1)
+    return None if end < 0 else payload[start:end]
 
 
 def gap_payload(channel: str) -> bytes:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
@@ -19,10 +20,21 @@ from broadcast.protocol.envelope import (
 )
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.http_request import BadRequest, RequestHeadParser
+from broadcast.protocol.ids import format_id, parse_message_id
 from broadcast.protocol.limits import MAX_LINE_BYTES, MAX_TEXT_BYTES
-from broadcast.protocol.lines import LineSplitter, Quit, SayText, SetName, parse_line, render_event
+from broadcast.protocol.lines import (
+    CONTINUATION,
+    LineSplitter,
+    Quit,
+    SayText,
+    SetName,
+    parse_line,
+    render_error,
+    render_event,
+    render_notice,
+)
 from broadcast.protocol.sniff import Kind, classify
-from broadcast.protocol.validate import check_channel, check_name, check_text
+from broadcast.protocol.validate import check_channel, check_message_id, check_name, check_text
 from broadcast.protocol.websocket_frames import encode_close_frame, encode_text_frame
 
 # -- envelope -------------------------------------------------------------------------------
@@ -70,10 +82,99 @@ def test_lone_surrogates_are_refused() -> None:
         check_text("half \ud800 a pair")
 
 
-@pytest.mark.parametrize("name", ["", " alice", "x" * 33, "a\nb", "a\x00"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "two\nlines",
+        "tab\there",
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+        "zoë",
+        "{x}",
+        "* x",
+        "an emoji newer than the server's Unicode: \U0001fae8",
+    ],
+)
+def test_good_text(text: str) -> None:
+    assert check_text(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["cr\r", "ls\u2028", "ps\u2029", "nel\x85", "zwsp\u200b", "bom\ufeff", "pua\ue000",
+     "tag\U000e0067", "unassigned\u0378", "half\ud800", "shy\u00ad", "lri\u2066"],
+)  # fmt: skip
+def test_invisible_and_line_breaking_text_is_refused_without_echo(text: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        check_text(text)
+    assert error.value.code is ErrorCode.BAD_TEXT
+    bad = text[-1]
+    assert f"U+{ord(bad):04X}" in error.value.message and bad not in error.value.message
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", " alice", "alice ", "a  b", "x" * 33, "é" * 17, "a\nb", "a\x00", "a\tb", "*root", "!x",
+     "#c", "/x", "[x]", "-x", ".x", "@x", "'x", "\u01c3 token_expired", "a:b", "a\uff1ab",
+     "a\u2236b", "evil: * root joined", "a\u00a0b", "a\u3000b", "a\u2028b", "a\u202eb", "a\u200bb",
+     "a\u200db", "a\ue000", "a\ud800", "a\u0378", "\u0301a", "\U0001f600", "a\U0001fae8"],
+)  # fmt: skip
 def test_bad_names(name: str) -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError) as error:
         check_name(name)
+    assert error.value.code is ErrorCode.BAD_NAME
+    assert "\u202e" not in error.value.message and "\x00" not in error.value.message
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["alice", "zoë", "Zoë Smith", "_bot", "guest-3", "9lives", "山田太郎", "a*b", "bob[away]",
+     "é" * 16, "x" * 32, "o'brien", "al 🎉"],
+)  # fmt: skip
+def test_good_names(name: str) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [("0-0", "0-0"), ("1732435200123-0", "1732435200123-0"), ("007-01", "7-1"),
+     (f"{2**64 - 1}-{2**64 - 1}", f"{2**64 - 1}-{2**64 - 1}")],
+)  # fmt: skip
+def test_message_ids(given: str, canonical: str) -> None:
+    assert check_message_id(given) == canonical
+
+
+@pytest.mark.parametrize(
+    "given",
+    [f"{2**64}-0", f"0-{2**64}", "99999999999999999999-0", "1-0\n", "1", "-1-0", "1-0-0",
+     "\uff11-0", "\u0661-0", "1 -0", "1-\ud800", "", 17, ["1-0"]],
+)  # fmt: skip
+def test_out_of_range_or_malformed_ids_are_bad_command(given: object) -> None:
+    with pytest.raises(ProtocolError) as error:
+        check_message_id(given)
+    assert error.value.code is ErrorCode.BAD_COMMAND
+    with pytest.raises(ProtocolError):
+        commands.parse_frame(json.dumps({"type": "hello", "since": given}))
+
+
+@given(st.text(max_size=50))
+def test_any_message_id_is_canonical_and_in_range_or_refused(given: str) -> None:
+    try:
+        checked = check_message_id(given)
+    except ProtocolError as error:
+        assert error.code is ErrorCode.BAD_COMMAND
+        return
+    assert parse_message_id(checked) == parse_id(checked)  # the bus takes what we let through
+    assert format_id(parse_message_id(checked)) == checked
+
+
+@given(st.integers(0, 2**65), st.integers(0, 2**65))
+def test_id_parts_must_be_below_two_to_the_64(ms: int, seq: int) -> None:
+    given = f"{ms}-{seq}"
+    if ms < 2**64 and seq < 2**64:
+        assert check_message_id(given) == given
+    else:
+        with pytest.raises(ProtocolError):
+            check_message_id(given)
 
 
 @pytest.mark.parametrize("channel", ["", "has space", "x" * 65, "é", "a/b"])
@@ -104,7 +205,18 @@ def test_commands_parse() -> None:
     [
         ("{", ErrorCode.BAD_JSON),
         ('{"type": "nope"}', ErrorCode.BAD_COMMAND),
-        ('{"type": "publish", "text": 3}', ErrorCode.BAD_TEXT),
+        ('{"type": "publish", "text": 3}', ErrorCode.BAD_COMMAND),
+        ('{"type": "publish"}', ErrorCode.BAD_TEXT),  # no text is empty text
+        ('{"type": 7}', ErrorCode.BAD_COMMAND),
+        ('{"type": "hello", "name": 3}', ErrorCode.BAD_COMMAND),
+        ('{"type": "hello", "channel": ["general"]}', ErrorCode.BAD_COMMAND),
+        ('{"type": "hello", "since": 17}', ErrorCode.BAD_COMMAND),
+        ('{"type": "hello", "history": "20"}', ErrorCode.BAD_COMMAND),
+        ('{"type": "hello", "history": 1.5}', ErrorCode.BAD_COMMAND),
+        ('{"type": "hello", "since": "1-0", "epoch": 5}', ErrorCode.BAD_COMMAND),
+        ('{"type": "hello", "since": "1-0", "epoch": "a\\"b"}', ErrorCode.BAD_COMMAND),
+        ('{"type": "publish", "text": "x", "ref": "\\ud800"}', ErrorCode.BAD_COMMAND),
+        ('{"type": "publish", "text": "x", "ref": "' + "é" * 33 + '"}', ErrorCode.BAD_COMMAND),
         ('{"type": "publish", "text": "x", "ref": 3}', ErrorCode.BAD_COMMAND),
         ('{"type": "hello", "echo": "yes"}', ErrorCode.BAD_COMMAND),
     ],
@@ -113,14 +225,153 @@ def test_bad_commands(frame: str, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as error:
         commands.parse_frame(frame)
     assert error.value.code is code
+    assert error.value.message
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "[" * 100_000,
+        "{" + '"a":{' * 50_000,
+        '{"type":"ping","x":' + "[" * 33 + "]" * 33 + "}",  # valid JSON, one level too deep
+        "{" + '"a":[{"b":' * 20_000,
+    ],
+)
+def test_deep_nesting_is_bad_json_not_a_recursion_error(frame: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        commands.parse_frame("{" + frame if not frame.startswith("{") else frame)
+    assert error.value.code is ErrorCode.BAD_JSON
+    assert "nested deeper than 32" in error.value.message
+
+
+def test_nesting_up_to_the_limit_and_brackets_in_strings_are_fine() -> None:
+    # The object itself is one level; 31 more make 32.
+    assert commands.parse_frame('{"type":"ping","x":' + "[" * 31 + "]" * 31 + "}") == (
+        commands.Ping()
+    )
+    text = '[{\\"' + "[" * 500 + "{" * 500
+    frame = json.dumps({"type": "publish", "text": text})
+    assert commands.parse_frame(frame) == commands.Publish(text, None)
+
+
+def test_depth_scan_of_an_unterminated_string_is_linear() -> None:
+    """Many escaped quotes and no closing one: a naive string regex would be quadratic."""
+    frame = "{" + "[" * 40 + '"' + '\\"' * 30_000
+    with pytest.raises(ProtocolError) as error:
+        commands.parse_frame(frame)  # quick: the test's time is the check
+    assert error.value.code is ErrorCode.BAD_JSON
+    assert not commands.nested_deeper_than("[" * 40 + '"' + "\\" * 2 + '"' + "]" * 40, 40)
+
+
+@pytest.mark.parametrize(
+    ("frame", "command"),
+    [
+        ("hello\n", commands.Publish("hello", None)),  # websocat: the newline is framing
+        ("hello\r\n", commands.Publish("hello", None)),
+        ("hello\n\n", commands.Publish("hello\n", None)),  # exactly one is stripped
+        ("first\nsecond", commands.Publish("first\nsecond", None)),
+        ('{"type":"ping"}\n', commands.Ping()),
+        ('{"type":"publish","text":"a\\nb"}\r\n', commands.Publish("a\nb", None)),
+    ],
+)
+def test_one_trailing_line_end_is_framing(frame: str, command: commands.Command) -> None:
+    assert commands.parse_frame(frame) == command
+
+
+@pytest.mark.parametrize("frame", ["\n", "\r\n", "a\rb", "a\r\n\r\n", "a\u2028b"])
+def test_other_line_ends_are_refused(frame: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        commands.parse_frame(frame)
+    assert error.value.code is ErrorCode.BAD_TEXT
+
+
+@pytest.mark.parametrize("kind", ["\x1b]0;pwned\x07", "x" * 5000, "Publish!", "\u202eevil"])
+def test_unknown_type_is_not_echoed(kind: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        commands.parse_frame(json.dumps({"type": kind}))
+    assert error.value.code is ErrorCode.BAD_COMMAND
+    assert kind not in error.value.message and len(error.value.message) < 100
+
+
+def test_hello_carries_since_epoch_and_history() -> None:
+    frame = '{"type":"hello","since":"0017-03","epoch":"a1b2","history":5}'
+    hello = commands.parse_frame(frame)
+    assert isinstance(hello, commands.Hello)
+    assert hello.recovery == commands.Recovery("17-3", 5, "a1b2")  # the id, canonical
+    # An empty epoch (``epoch=`` in a query) is no epoch; without since an epoch means nothing.
+    assert commands.parse_recovery("1-0", "0", "") == commands.Recovery("1-0", 0, None)
+    assert commands.parse_recovery(None, "5", "a1b2") == commands.Recovery(None, 5, None)
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [("20", 20), ("0", None), ("\u00b2", ErrorCode.BAD_COMMAND),
+     ("9" * 5000, ErrorCode.BAD_COMMAND), ("-1", ErrorCode.BAD_COMMAND),
+     ("1001", ErrorCode.BAD_COMMAND), (" 3", ErrorCode.BAD_COMMAND)],
+)  # fmt: skip
+def test_history_from_the_query_is_plain_digits(history: str, expected: object) -> None:
+    """``"\u00b2".isdigit()`` is true and ``int("9" * 5000)`` raises: neither may get through."""
+    if isinstance(expected, ErrorCode):
+        with pytest.raises(ProtocolError) as error:
+            commands.parse_recovery(None, history)
+        assert error.value.code is expected
+    else:
+        recovery = commands.parse_recovery(None, history)
+        assert (recovery and recovery.last) == expected
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+_COMMAND_OBJECTS = st.fixed_dictionaries(
+    {"type": st.sampled_from(["hello", "publish", "ping", "who"]) | st.text(max_size=8)},
+    optional={key: _JSON for key in ("text", "name", "channel", "echo", "since", "history",
+                                     "epoch", "ref")},
+)  # fmt: skip
+
+
+def _parses_or_refuses(frame: str) -> None:
+    try:
+        command = commands.parse_frame(frame)
+    except ProtocolError as error:
+        assert isinstance(error.code, ErrorCode) and error.message
+    else:
+        if isinstance(command, commands.Publish):
+            assert check_text(command.text) == command.text
 
 
 @given(st.text())
 def test_any_frame_parses_or_is_refused_with_a_code(frame: str) -> None:
-    try:
-        commands.parse_frame(frame)
-    except ProtocolError as error:
-        assert isinstance(error.code, ErrorCode)
+    _parses_or_refuses(frame)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+@given(_JSON | st.text(alphabet='[]{}"\\', max_size=20), st.integers(0, 6), st.booleans())
+def test_depth_scan_agrees_with_the_json_it_measures(
+    value: object, limit: int, ascii: bool
+) -> None:
+    """For valid JSON, brackets in strings (escaped quotes and all) never count."""
+    text = json.dumps(value, ensure_ascii=ascii)
+    assert commands.nested_deeper_than(text, limit) == (_depth(value) > limit)
+
+
+@given(st.text(alphabet='[]{}"\\:,1 ae\n', max_size=200))
+def test_any_bracket_soup_parses_or_is_refused(frame: str) -> None:
+    _parses_or_refuses("{" + frame)
+
+
+@given(_COMMAND_OBJECTS | _JSON, st.sampled_from(["", "\n", "\r\n"]))
+def test_any_json_value_parses_or_is_refused(value: object, end: str) -> None:
+    _parses_or_refuses(json.dumps(value) + end)
 
 
 # -- lines ----------------------------------------------------------------------------------
@@ -158,6 +409,20 @@ def test_splitter_never_yields_a_line_over_the_limit(chunks: list[bytes], limit:
         assert len(splitter._buffer) <= limit + 1
 
 
+@given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=20), st.integers(4, 64))
+def test_splitter_gives_the_same_whatever_the_chunking(
+    data: bytes, cuts: list[int], limit: int
+) -> None:
+    def items(chunks: list[bytes]) -> list[object]:
+        splitter = LineSplitter(max_line_bytes=limit)
+        out = [item for chunk in chunks for item in splitter.feed(chunk)]
+        return [item.code if isinstance(item, ProtocolError) else item for item in out]
+
+    bounds = [0, *sorted(min(cut, len(data)) for cut in cuts), len(data)]
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    assert items(chunks) == items([data])
+
+
 @given(
     st.lists(
         st.text(
@@ -190,7 +455,109 @@ def test_line_commands(line: str, command: object) -> None:
 def test_render_event_lines() -> None:
     assert render_event({"type": "message", "sender": "al", "text": "hi"}) == b"al: hi\n"
     assert render_event({"type": "join", "name": "al", "channel": "c"}) == b"* al joined #c\n"
+    assert render_event({"type": "leave", "name": "al", "channel": "c"}) == b"* al left #c\n"
+    assert render_event({"type": "gap", "channel": "c"}) == (
+        b"* some messages in #c may have been lost\n"
+    )
     assert render_event({"type": "ack"}) is None
+
+
+def test_multi_line_message_continues_under_its_sender() -> None:
+    event = {"type": "message", "sender": "alice", "text": "first\n* root joined #c\n\nbob: hi"}
+    assert render_event(event) == (b"alice: first\n  | * root joined #c\n  | \n  | bob: hi\n")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "message", "sender": "* root", "text": "x\ry\x1b[2J\u2028z"},
+        {"type": "message"},
+        {"type": "message", "sender": 5, "text": ["x"]},
+        {"type": "join", "name": "evil\n* root", "channel": "a\nb"},
+        {"type": "leave"},
+        {"type": "gap", "channel": None},
+    ],
+)
+def test_unchecked_events_render_scrubbed(event: dict[str, object]) -> None:
+    """Events from another gateway's version may not pass today's checks: still no raw control
+    bytes and no line that reads as a different sender or a notice."""
+    rendered = render_event(event)
+    assert rendered is not None
+    lines = rendered.decode().split("\n")
+    assert lines[-1] == ""
+    for line in lines[:-1]:
+        assert not any(ch < " " and ch != "\t" for ch in line)
+        assert "\u2028" not in line
+    if event["type"] == "message":
+        assert lines[0].startswith("(invalid name): ") or lines[0].startswith("al")
+    else:
+        assert lines[0].startswith("* ") and len(lines) == 2
+
+
+def test_server_lines_stay_one_line() -> None:
+    assert (
+        render_notice("you are\nnow \x1b]0;x\x07")
+        == "* you are\ufffdnow \ufffd]0;x\ufffd\n".encode()
+    )
+    error = ProtocolError(ErrorCode.RATE_LIMITED, "slow down\r\n! fake", retry_after=0.04)
+    assert (
+        render_error(error)
+        == "! rate_limited: slow down\ufffd\ufffd! fake (retry in 0.1 s)\n".encode()
+    )
+    assert render_error(ProtocolError(ErrorCode.RATE_LIMITED, "x", retry_after=0.41)) == (
+        b"! rate_limited: x (retry in 0.5 s)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "line", ["/\x1b]0;pwned\x07", "/" + "x" * 5000, "/na\u202eme bob", "/\x00"]
+)
+def test_unknown_line_command_is_not_echoed(line: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        parse_line(line)
+    message = error.value.message
+    assert error.value.code is ErrorCode.BAD_COMMAND
+    assert message.startswith("unknown command;") and len(message) < 120
+    assert not any(ch in message for ch in "\x1b\x07\x00\u202e")
+
+
+def test_plain_unknown_line_command_is_named() -> None:
+    with pytest.raises(ProtocolError) as error:
+        parse_line("/nick bob")
+    assert "unknown command /nick;" in error.value.message
+
+
+_ANY_TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from("\n\r\t\u2028\u202e:*! "))
+
+
+_NAME_LIKE = st.from_regex(r"[A-Za-zé_0-9][A-Za-z0-9 :*!|é-]{0,12}", fullmatch=True)
+
+
+@settings(max_examples=300)  # a sixth of the examples get as far as rendering
+@given(name=_ANY_TEXT | _NAME_LIKE, text=_ANY_TEXT)
+def test_accepted_name_and_text_render_as_one_block_from_the_sender(name: str, text: str) -> None:
+    """Whatever a client sends: refused, or shown as one block that starts with its name and
+    holds no control character but the newlines the server writes."""
+    try:
+        name, text = check_name(name), check_text(text)
+    except ProtocolError as error:
+        assert error.code in (ErrorCode.BAD_NAME, ErrorCode.BAD_TEXT, ErrorCode.TEXT_TOO_LONG)
+        event(f"refused: {error.code}")
+        return
+    event("accepted")
+    rendered = render_event({"type": "message", "sender": name, "text": text}).decode()
+    first, *more, last = rendered.split("\n")
+    assert last == ""
+    assert first.startswith(f"{name}: ") and first.index(":") == len(name)
+    assert not first.startswith(("* ", "! ", " "))
+    assert all(line.startswith(CONTINUATION) for line in more)
+    assert (
+        first.removeprefix(f"{name}: ")
+        + "".join("\n" + line.removeprefix(CONTINUATION) for line in more)
+        == text
+    )
+    assert not any(ch < " " and ch not in "\t\n" for ch in rendered)
+    assert not any(ch in rendered for ch in "\x7f\x85\u2028\u2029\u202e\u200b")
 
 
 # -- sniffing -------------------------------------------------------------------------------
@@ -200,8 +567,9 @@ def test_render_event_lines() -> None:
     ("first", "kind"),
     [
         (b"GET / HTTP/1.1\r\n", Kind.HTTP),
-        (b"GET /healthz", Kind.HTTP),
-        (b"HEAD /readyz", Kind.HTTP),
+        (b"GET /healthz HTTP/1.1\r\n", Kind.HTTP),
+        (b"POST /api/x HTTP/1.0\n", Kind.HTTP),
+        (b"GET /healthz", Kind.UNDECIDED),  # a request line until its newline says otherwise
         (b"GE", Kind.UNDECIDED),
         (b"GET ", Kind.UNDECIDED),
         (b"", Kind.UNDECIDED),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-_MESSAGE_PREFIX = b'{"type":"message","id":"'
+from broadcast.protocol.ids import MESSAGE_PREFIX as _MESSAGE_PREFIX
+from broadcast.protocol.ids import parse_message_id
+
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -15,8 +17,12 @@ def message_body(channel: str, sender: str, text: str, ts: float, origin: str) -
     return _compact(fields)[1:].encode()
 
 
-def message_payload(message_id: str, body: bytes) -> bytes:
-    """The complete message event once the bus has given it an id."""
+def message_payload(message_id: str, body: bytes, epoch: str = "") -> bytes:
+    """The complete message event once the bus has given it an id, and the epoch of its channel's
+    history (``"epoch"`` right after the id; left out when empty: no epoch known)."""
+    if epoch:
+        opening = message_id.encode() + b'","epoch":"' + epoch.encode()
+        return _MESSAGE_PREFIX + opening + b'",' + body
     return _MESSAGE_PREFIX + message_id.encode() + b'",' + body
 
 
@@ -48,6 +54,6 @@ def decode(payload: bytes | str) -> dict[str, Any]:
 
 
 def parse_id(message_id: str) -> tuple[int, int]:
-    """Message ids compare as the pair ``(milliseconds, sequence)``, never as strings."""
-    ms, _, seq = message_id.partition("-")
-    return int(ms), int(seq)
+    """Message ids compare as the pair ``(milliseconds, sequence)``, never as strings; ValueError
+    unless it is one (``ids.parse_message_id``)."""
+    return parse_message_id(message_id)

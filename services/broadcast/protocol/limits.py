@@ -10,9 +10,15 @@ DEFAULT_CHANNEL: Final = "general"
 MAX_TEXT_BYTES: Final = 4096
 MAX_FRAME_BYTES: Final = 65536
 MAX_LINE_BYTES: Final = 4096
-MAX_NAME_CHARS: Final = 32
-MAX_CHANNEL_CHARS: Final = 64
-MAX_REF_CHARS: Final = 64
+# Every size limit on what a client sends is in UTF-8 bytes: bytes are what a limit protects
+# (memory, the wire), and a character count lets one "character" of combining marks be kilobytes.
+MAX_NAME_BYTES: Final = 32
+MAX_CHANNEL_CHARS: Final = 64  # ASCII only, so characters are bytes
+MAX_REF_BYTES: Final = 64
+
+# JSON commands are a handful of flat fields; anything nested deeper is an attack on the parser
+# (json.loads recurses, and "[" * 100000 would end in RecursionError), refused before parsing.
+MAX_JSON_DEPTH: Final = 32
 
 # Past this much unsent data a client is "slow" and is disconnected (Centrifugo's default too).
 OUTBOX_LIMIT_BYTES: Final = 1 << 20
@@ -39,5 +45,8 @@ MAX_CONNECTIONS: Final = 10000
 # after all of it: a half-open connection does not hold a slot and an outbox for ever.
 IDLE_TIMEOUT_SECONDS: Final = 60.0
 
-# A line client may connect and only listen: after this long without bytes it is greeted.
-SNIFF_TIMEOUT_SECONDS: Final = 0.3
+# A line client cannot answer pings (nc), so silence is its only sign of life: after this long
+# without a line it is asked to send one (an empty line will do), and after a third more it is
+# closed. Long enough for someone who only listens to a quiet channel to press Enter now and
+# then; short enough that a forgotten or half-open socket does not hold its slot for ever.
+LINE_IDLE_TIMEOUT_SECONDS: Final = 900.0

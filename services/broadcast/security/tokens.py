@@ -234,6 +234,8 @@ def mint_token(
     key = _hs256_secret(secret)
     if not ttl_seconds > 0 or not math.isfinite(ttl_seconds):
         raise ValueError("a token needs a positive, finite lifetime")
+    if channels is not None and not channels:
+        raise ValueError("a token must allow at least one channel (or leave channels out)")
     try:
         check_name(name)
         for channel in channels or []:
@@ -301,9 +303,15 @@ def _identity(claims: dict[str, Any]) -> Identity:
             AuthCode.TOKEN_INVALID, f"the token's sub is not a name: {exc.message}"
         ) from None
     exp = claims.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    try:  # float() of a 400-digit exp overflows; NaN and infinity are not times either
+        expires_at = (
+            float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+        )
+    except OverflowError:
+        expires_at = None
+    if expires_at is None or not math.isfinite(expires_at):
         raise AuthError(AuthCode.TOKEN_INVALID, "the token's exp is not a number of seconds")
-    return Identity(name, _channels(claims), float(exp))
+    return Identity(name, _channels(claims), expires_at)
 
 
 def _channels(claims: dict[str, Any]) -> frozenset[str] | None:
@@ -313,6 +321,10 @@ def _channels(claims: dict[str, Any]) -> frozenset[str] | None:
     # A string would iterate as letters and null is ambiguous: refuse both, fail closed.
     if not isinstance(channels, list):
         raise AuthError(AuthCode.TOKEN_INVALID, "the token's channels claim is not a list")
+    # An empty list would let the client in to nowhere: refused here, before the handshake is
+    # accepted, so it gets a 401 rather than a connection that can do nothing.
+    if not channels:
+        raise AuthError(AuthCode.TOKEN_INVALID, "the token allows no channel (channels is [])")
     try:
         return frozenset(check_channel(channel) for channel in channels)
     except ProtocolError as exc:

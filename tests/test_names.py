@@ -46,9 +46,11 @@ async def test_a_taken_name_is_refused_everywhere(gateway: Gateway) -> None:
 
 
 async def test_the_same_name_in_another_channel_is_fine(gateway: Gateway) -> None:
-    async with ws_client(url(gateway), name="bob", channel="a"):
-        async with ws_client(url(gateway), name="bob", channel="b") as other:
-            assert other.welcome["name"] == "bob"
+    async with (
+        ws_client(url(gateway), name="bob", channel="a"),
+        ws_client(url(gateway), name="bob", channel="b") as other,
+    ):
+        assert other.welcome["name"] == "bob"
 
 
 async def test_one_token_may_be_used_from_two_tabs(nursery: trio.Nursery) -> None:

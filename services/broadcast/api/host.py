@@ -36,7 +36,9 @@ class ApiHost(Protocol):
     node_id: str
     bus: Bus
     presence: PresenceStore
-    hub: ChannelWatcher
+
+    @property
+    def hub(self) -> ChannelWatcher: ...
 
     def connection_count(self) -> int: ...
 

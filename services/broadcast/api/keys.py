@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from broadcast.protocol.http_request import HttpRequest
@@ -32,7 +32,7 @@ class ApiKeys:
         cls,
         keys: Iterable[str] = (),
         files: Iterable[str | os.PathLike[str]] = (),
-        environ: dict[str, str] | os._Environ[str] = os.environ,
+        environ: Mapping[str, str] = os.environ,
     ) -> ApiKeys:
         """``--api-key`` values, then one key per non-empty line of each ``--api-key-file``
         (``#`` starts a comment), then ``BROADCAST_API_KEY``."""

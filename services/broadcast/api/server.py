@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import parse_qsl
@@ -293,8 +293,10 @@ class ServerApi:
 
 
 def _expect(
-    fields: dict[str, Any], required: set[str] = frozenset(), optional: set[str] = frozenset()
-) -> None:  # type: ignore[assignment]
+    fields: dict[str, Any],
+    required: Set[str] = frozenset(),
+    optional: Set[str] = frozenset(),
+) -> None:
     missing = sorted(required - fields.keys())
     unknown = sorted(fields.keys() - required - optional)
     if missing or unknown:

@@ -145,7 +145,7 @@ class Admission:
         initial = b""
         with trio.move_on_after(self.silent_after):
             while not initial:
-                initial = await stream.receive_some(_SNIFF_BYTES)
+                initial = bytes(await stream.receive_some(_SNIFF_BYTES))
                 if not initial:
                     return None
         if not initial:

@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -76,7 +76,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _port(text: str) -> int:
-    number = _number(text, int, "a whole number")
+    number = int(_number(text, int, "a whole number"))
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(
             f"a port is a whole number from 0 to 65535 (0: any free port), not {text!r}"
@@ -115,7 +115,7 @@ def _number(text: str, kind: type[int] | type[float], noun: str) -> int | float:
 
 def _redis_url(text: str) -> str:
     """A ``redis://`` or ``rediss://`` URL. Never quoted back: it may hold a password."""
-    if text.startswith("redis+sentinel://"):  # checked by broadcast.redis.sentinel (make_bus)
+    if text.startswith(("redis+sentinel://", "redis+cluster://")):  # checked by broadcast.redis
         return text
     try:
         parts = urlsplit(text)
@@ -364,7 +364,7 @@ def check_can_listen(host: str, port: int) -> None:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise StartError(
-            f"cannot listen on {host}: no such host ({exc.strerror.lower()})"
+            f"cannot listen on {host}: no such host ({(exc.strerror or str(exc)).lower()})"
         ) from None
     for family, kind, proto, _, address in addresses:
         try:
@@ -414,11 +414,10 @@ def warn_if_open(host: str, access: AccessPolicy) -> None:
 
 
 def make_bus(redis_url: str | None, history_length: int, history_age: float) -> Bus:
-    history = {"history_length": history_length, "history_max_age": history_age}
     if not redis_url:
-        return MemoryBus(**history)
+        return MemoryBus(history_length=history_length, history_max_age=history_age)
     try:
-        return RedisBus(redis_url, **history)
+        return RedisBus(redis_url, history_length=history_length, history_max_age=history_age)
     except ValueError as exc:  # its messages never quote the URL
         raise StartError(f"--redis-url: {exc}") from None
 
@@ -465,7 +464,7 @@ def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
 
 
 async def _drain_on_signal(
-    signals: trio.abc.ReceiveChannel[int], gateway: Gateway, everything: trio.CancelScope
+    signals: AsyncIterator[int], gateway: Gateway, everything: trio.CancelScope
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name

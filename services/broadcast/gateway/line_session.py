@@ -88,7 +88,7 @@ class LineSession(ClientSession):
                     self.refuse(item)
                 elif await self._handle_line(item) is Quit:
                     return
-            data = await self.stream.receive_some(RECEIVE_BYTES)
+            data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
             if not data:
                 return
             self.last_heard = self.ctx.clock()

@@ -26,7 +26,7 @@ import trio
 
 DirectWrite = Callable[[bytes], int]
 """Writes what it can without blocking and returns how much; raises OSError when broken."""
-PartialSend = Callable[[bytes], Awaitable[int]]
+PartialSend = Callable[[memoryview], Awaitable[int]]
 """Sends some of the bytes, waiting for room, and returns how many; cancel-safe (a cancelled
 call sent nothing)."""
 

@@ -98,9 +98,7 @@ class WebSocketSession(ClientSession):
             # A few ASCII digits only: "²".isdigit() is true and int() refuses it, and int()
             # refuses 5,000 digits too.
             count = int(history) if _SMALL_COUNT.fullmatch(history) else -1
-            self.recovery = commands.parse_recovery(
-                query.get("since"), count, query.get("epoch")
-            )
+            self.recovery = commands.parse_recovery(query.get("since"), count, query.get("epoch"))
         except ProtocolError as error:
             self._query_errors.append(error)
 
@@ -178,7 +176,7 @@ class WebSocketSession(ClientSession):
         while True:
             data = await self.stream.receive_some(RECEIVE_BYTES)
             self.last_heard = self.ctx.clock()
-            self._ws.receive_data(data or None)
+            self._ws.receive_data(bytes(data) if data else None)
             if await self._handle_events() or not data:
                 return
 

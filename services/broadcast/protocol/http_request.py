@@ -36,9 +36,9 @@ class RequestHeadParser:
     def __init__(self) -> None:
         self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
 
-    def feed(self, data: bytes) -> HttpRequest | None:
+    def feed(self, data: bytes | bytearray) -> HttpRequest | None:
         """The request once its head is complete, else None. ``b""`` means the peer closed."""
-        self._parser.receive_data(data)
+        self._parser.receive_data(bytes(data))
         try:
             event = self._parser.next_event()
         except h11.RemoteProtocolError as exc:

@@ -118,7 +118,7 @@ class PrefixedStream(trio.abc.Stream):
         self._prefix = prefix
         self.stream = stream
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             if max_bytes is None or max_bytes >= len(self._prefix):
                 data, self._prefix = self._prefix, b""

@@ -4,6 +4,9 @@
 // - Text from the network only ever reaches the page through textContent, never as HTML.
 // - Nothing inline (scripts, styles, handlers): the gateway serves this page under a strict CSP.
 // - Every message id is remembered, so a reconnect can resume with `since` and drop duplicates.
+// - A token (when the gateway requires one) comes from the token field or from `#token=…` in
+//   the address, never its query: the fragment is not sent to servers nor logged, and the page
+//   removes it from the address bar at once. It is kept for this tab only (sessionStorage).
 "use strict";
 
 (() => {
@@ -16,17 +19,28 @@
   const PONG_WAIT_MS = 10000; // and give up on the connection if none comes
   const CONNECT_TIMEOUT_MS = 15000; // a handshake lost on the way gets no close event soon
   const TEXT_LIMIT_BYTES = 4096;
-  const NAME_MAX_CHARS = 32;
+  const NAME_MAX_BYTES = 32;
   const CHANNEL_RE = /^[A-Za-z0-9._-]{1,64}$/;
   const CONTROL_RE = /[\p{Cc}\p{Cf}]/u; // what the gateway refuses in names
-  const STORAGE = { name: "broadcast.name", channel: "broadcast.channel" };
+  const NAME_START_RE = /^[\p{L}\p{N}_]/u;
+  const TOKEN_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/; // a compact JWT
+  const STORAGE = {
+    name: "broadcast.name",
+    channel: "broadcast.channel",
+    token: "broadcast.token", // sessionStorage: this tab only
+  };
+  // A refused handshake reaches a page only as a failed WebSocket (no status, no body): after
+  // this many in a row while the gateway itself answers, the page says what that likely means.
+  const REFUSALS_BEFORE_EXPLAINING = 2;
   const CLOSE_REASONS = {
     1000: "the connection was closed",
-    1001: "the server went away",
+    1001: "the server shut down",
     1006: "the connection was lost",
     1009: "a message was too big",
     1011: "the server hit an error",
-    1012: "the server is restarting",
+    1012: "the server shut down",
+    4003: "the server's operator disconnected you",
+    4029: "too many messages after being told to slow down",
     4008: "the connection was too slow to keep up",
     4010: "the connection was idle too long",
   };
@@ -36,6 +50,9 @@
     identity: $("identity"),
     name: $("name"),
     channel: $("channel"),
+    token: $("token"),
+    tokenField: $("token-field"),
+    formNote: $("form-note"),
     join: $("join"),
     state: $("state"),
     roomName: $("room-name"),
@@ -58,6 +75,10 @@
     name: "",
     channel: "",
     lastId: null, // newest message id seen in this channel: where a reconnect resumes
+    epoch: null, // the history those ids belong to (the gateway's epoch), sent with `since`
+    token: "", // for the gateway, when it requires one
+    opened: false, // the current socket got past the handshake
+    refusals: 0, // handshakes failed in a row while the gateway answered HTTP
     seen: new Set(),
     rows: new Map(), // message id -> its <li>, to mark it as ours when the ack comes late
     ownIds: new Set(),
@@ -98,13 +119,82 @@
     }
   }
 
+  // The token lives as long as the tab: a secret is not worth remembering across sessions.
+  function loadSession(key) {
+    try {
+      return window.sessionStorage.getItem(key) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function saveSession(key, value) {
+    try {
+      if (value) window.sessionStorage.setItem(key, value);
+      else window.sessionStorage.removeItem(key);
+    } catch {
+      /* not remembered; nothing else to do */
+    }
+  }
+
+  // `#token=…` in the address: read it, then take it out of the address bar (and history).
+  function tokenFromFragment() {
+    const fragment = new URLSearchParams(window.location.hash.slice(1));
+    const token = (fragment.get("token") || "").trim();
+    if (fragment.has("token")) {
+      fragment.delete("token");
+      const rest = fragment.toString();
+      const url = window.location.pathname + window.location.search + (rest ? `#${rest}` : "");
+      window.history.replaceState(null, "", url);
+    }
+    return token;
+  }
+
   // The same rules as the gateway's, checked here so a typo is explained before connecting.
   function nameProblem(name) {
-    const length = Array.from(name).length; // code points, as the gateway counts them
-    if (length < 1 || length > NAME_MAX_CHARS) return `a name is 1-${NAME_MAX_CHARS} characters`;
+    const bytes = new TextEncoder().encode(name).length; // the gateway counts UTF-8 bytes
+    if (bytes < 1 || bytes > NAME_MAX_BYTES) return `a name is 1-${NAME_MAX_BYTES} bytes long`;
     if (name !== name.trim()) return "a name may not start or end with a space";
+    if (!NAME_START_RE.test(name)) return "a name starts with a letter, a digit or _";
     if (CONTROL_RE.test(name)) return "a name may not contain control characters";
+    if (name.includes(":")) return "a name may not contain a colon";
+    if (name.includes("  ")) return "a name may not hold two spaces in a row";
     return "";
+  }
+
+  function tokenProblem(token) {
+    if (!token || TOKEN_RE.test(token)) return "";
+    return "a token is one line of letters, digits, - and _ in three parts joined by dots";
+  }
+
+  // The token's expiry (its `exp` claim), read without checking it: only to explain a refusal.
+  function tokenExpired(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const claims = JSON.parse(atob(part + "=".repeat((4 - (part.length % 4)) % 4)));
+      return typeof claims.exp === "number" && claims.exp * 1000 <= Date.now();
+    } catch {
+      return false;
+    }
+  }
+
+  // Notes about the form sit under it, and go as soon as the fields are right again.
+  function setFormNote(text) {
+    ui.formNote.textContent = text;
+    ui.formNote.hidden = !text;
+  }
+
+  function recheckForm() {
+    if (ui.formNote.hidden || ui.formNote.dataset.kind !== "validation") return;
+    const problem = formProblem();
+    if (!problem) setFormNote("");
+    else ui.formNote.textContent = problem;
+  }
+
+  function formProblem() {
+    const name = ui.name.value.trim();
+    const channel = ui.channel.value.trim() || "general";
+    return nameProblem(name) || channelProblem(channel) || tokenProblem(ui.token.value.trim());
   }
 
   function channelProblem(channel) {
@@ -117,8 +207,12 @@
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
     const query = new URLSearchParams({ name: chat.name, channel: chat.channel, echo: "1" });
     // Resume where we left off; a first visit to a channel gets some context instead.
-    if (chat.lastId) query.set("since", chat.lastId);
-    else query.set("history", String(HISTORY_ON_JOIN));
+    if (chat.lastId) {
+      query.set("since", chat.lastId);
+      if (chat.epoch) query.set("epoch", chat.epoch);
+    } else query.set("history", String(HISTORY_ON_JOIN));
+    // A browser cannot set the Authorization header of a WebSocket: the query is the only way.
+    if (chat.token) query.set("token", chat.token);
     return `${scheme}//${window.location.host}/?${query}`;
   }
 
@@ -140,6 +234,10 @@
       return;
     }
     chat.socket = socket;
+    chat.opened = false;
+    socket.addEventListener("open", () => {
+      if (socket === chat.socket) chat.opened = true;
+    });
     // Handlers check that their socket is still the current one: an abandoned socket may
     // still report events, and they must not disturb its successor.
     socket.addEventListener("message", (event) => {
@@ -180,6 +278,7 @@
 
   function onClose(event) {
     const wasWelcomed = chat.welcomed;
+    const opened = chat.opened;
     chat.socket = null;
     chat.welcomed = false;
     forgetPending();
@@ -188,11 +287,72 @@
       setState("disconnected");
       return;
     }
+    if (event.code === 4001) {
+      tokenRefused(tokenExpired(chat.token) || wasWelcomed ? "expired" : "refused");
+      return;
+    }
+    if (!opened) {
+      handshakeFailed();
+      return;
+    }
+    chat.refusals = 0;
     if (wasWelcomed) {
       const why = CLOSE_REASONS[event.code] || `the connection closed (code ${event.code})`;
       notice(`${why}; reconnecting`, "warn");
     }
     scheduleReconnect();
+  }
+
+  // The gateway refuses a handshake with HTTP 401 (a token missing, expired or invalid) or
+  // 503 (full, or not ready), but a page sees only a WebSocket that failed. If the gateway
+  // answers plain HTTP meanwhile, the refusal was of this connection: an expired token is told
+  // as such (its `exp` says so), the other cases as what they may be.
+  async function handshakeFailed() {
+    let serverUp = false;
+    try {
+      const response = await fetch("/healthz", { cache: "no-store" });
+      serverUp = response.ok;
+    } catch {
+      serverUp = false;
+    }
+    if (!chat.wanted || chat.socket) return; // the user did something meanwhile
+    if (serverUp && chat.token && tokenExpired(chat.token)) {
+      tokenRefused("expired");
+      return;
+    }
+    if (serverUp) chat.refusals += 1;
+    if (chat.refusals === REFUSALS_BEFORE_EXPLAINING) {
+      if (chat.token) {
+        notice("the server refused the connection: not your token, or it is full", "error");
+        setFormNote("the server refused the connection: check the token (or try again later)");
+      } else {
+        notice("the server refused the connection: it may require a token, or be full", "error");
+        setFormNote("the server refused the connection: if it requires a token, enter it here");
+        ui.tokenField.hidden = false;
+      }
+      ui.formNote.dataset.kind = "server";
+    }
+    scheduleReconnect();
+  }
+
+  // The token is no good (close 4001, or an expired one at the handshake): stop retrying with it.
+  function tokenRefused(why) {
+    chat.wanted = false;
+    clearTimers();
+    setState("disconnected", why === "expired" ? "token expired" : "token refused");
+    setComposerEnabled(false);
+    const text =
+      why === "expired"
+        ? "your token expired: paste a new one above, then Join"
+        : "the server refused your token: paste a valid one above, then Join";
+    notice(text, "error");
+    setFormNote(text);
+    ui.formNote.dataset.kind = "server";
+    ui.tokenField.hidden = false;
+    ui.token.value = "";
+    chat.token = "";
+    saveSession(STORAGE.token, "");
+    ui.token.focus();
   }
 
   // Exponential backoff with jitter: a restarted gateway is not hit by every client at once.
@@ -292,6 +452,7 @@
 
     message(event) {
       if (event.channel !== chat.channel || typeof event.id !== "string") return;
+      noteEpoch(event.epoch);
       if (chat.seen.has(event.id)) return; // replayed and live both: show it once
       remember(event.id);
       if (chat.replay) chat.replayAdded += 1;
@@ -310,12 +471,19 @@
       const kind = chat.replay;
       const added = chat.replayAdded;
       chat.replay = null;
+      if (typeof event.epoch === "string" && event.epoch) chat.epoch = event.epoch;
       if (kind === "since") {
-        if (added > 0) notice(`${plural(added, "missed message")} recovered`, "good");
-        if (!event.complete) notice("some messages were lost while you were away", "warn");
+        if (event.reset === true && event.complete === true) {
+          // The history restarted (the server came back empty): nothing was missed.
+          notice("the server's history of this channel restarted; nothing was missed", "info");
+          if (added > 0) notice(`${plural(added, "message")} since then`, "good");
+        } else {
+          if (added > 0) notice(`${plural(added, "missed message")} recovered`, "good");
+          if (!event.complete) notice("some messages were lost while you were away", "warn");
+        }
         reportUnconfirmed();
       } else if (added > 0) {
-        notice(`${plural(added, "earlier message")} above`);
+        notice(plural(added, "earlier message"));
       }
     },
 
@@ -325,7 +493,9 @@
       if (chat.lastId) {
         chat.replay = "since";
         chat.replayAdded = 0;
-        sendJson({ type: "hello", echo: true, since: chat.lastId });
+        const hello = { type: "hello", echo: true, since: chat.lastId };
+        if (chat.epoch) hello.epoch = chat.epoch;
+        sendJson(hello);
       }
     },
 
@@ -350,6 +520,28 @@
       notice(`${name} left`, "leave");
       // Names are not unique: the same name may still be here on another connection.
       if (chat.presenceSupported) scheduleWho();
+    },
+
+    // Who came and went on one gateway lately (newer gateways send this instead of join/leave).
+    presence_diff(event) {
+      if (event.channel !== chat.channel) return;
+      const joined = Array.isArray(event.joined) ? event.joined.map(String) : [];
+      const left = Array.isArray(event.left) ? event.left.map(String) : [];
+      for (const name of left) chat.members.delete(name);
+      for (const name of joined) chat.members.add(name);
+      renderPresence();
+      const others = (names) => names.filter((name) => name !== chat.name || !chat.expectOwnJoin);
+      const came = others(joined);
+      if (joined.includes(chat.name)) chat.expectOwnJoin = false;
+      const more = (n) => (Number.isInteger(n) && n > 0 ? [`${n} more`] : []);
+      const cameAll = [...came, ...more(event.more_joined)];
+      const wentAll = [...left, ...more(event.more_left)];
+      if (cameAll.length) notice(`${cameAll.join(", ")} joined`, "join");
+      if (wentAll.length) notice(`${wentAll.join(", ")} left`, "leave");
+      // Names are not unique, and lists are capped: ask for the whole list when unsure.
+      if (left.length || more(event.more_joined).length || more(event.more_left).length) {
+        if (chat.presenceSupported) scheduleWho();
+      }
     },
 
     presence(event) {
@@ -380,6 +572,17 @@
   function addBounded(set, value) {
     set.add(value);
     if (set.size > SEEN_LIMIT) set.delete(set.values().next().value);
+  }
+
+  // Ids compare only within one history: a message of a new epoch means the history restarted,
+  // and the ids seen before say nothing about the new ones.
+  function noteEpoch(epoch) {
+    if (typeof epoch !== "string" || !epoch || epoch === chat.epoch) return;
+    if (chat.epoch) {
+      chat.seen.clear();
+      chat.lastId = null;
+    }
+    chat.epoch = epoch;
   }
 
   function remember(id) {
@@ -532,17 +735,26 @@
   function joinFromForm() {
     const name = ui.name.value.trim();
     const channel = ui.channel.value.trim() || "general";
-    const problem = nameProblem(name) || channelProblem(channel);
+    const token = ui.token.value.trim();
+    const problem = formProblem();
     if (problem) {
-      notice(problem, "error");
-      (nameProblem(name) ? ui.name : ui.channel).focus();
+      setFormNote(problem);
+      ui.formNote.dataset.kind = "validation";
+      (nameProblem(name) ? ui.name : channelProblem(channel) ? ui.channel : ui.token).focus();
       return;
     }
+    setFormNote("");
     ui.name.value = name;
     ui.channel.value = channel;
     saveSetting(STORAGE.name, name);
     saveSetting(STORAGE.channel, channel);
-    if (chat.wanted && chat.socket && name === chat.name && channel === chat.channel) return;
+    saveSession(STORAGE.token, token);
+    const sameToken = token === chat.token;
+    chat.token = token;
+    chat.refusals = 0;
+    if (chat.wanted && chat.socket && sameToken && name === chat.name && channel === chat.channel) {
+      return;
+    }
     chat.everWelcomed = false; // what follows is a join the user asked for, not a reconnect
     dropSocket(1000);
     if (channel !== chat.channel) enterChannel(channel);
@@ -559,6 +771,7 @@
     chat.channel = channel;
     chat.everWelcomed = false;
     chat.lastId = null;
+    chat.epoch = null;
     chat.seen.clear();
     chat.rows.clear();
     chat.ownIds.clear();
@@ -626,6 +839,9 @@
   }
 
   function wireEvents() {
+    for (const field of [ui.name, ui.channel, ui.token]) {
+      field.addEventListener("input", recheckForm);
+    }
     ui.identity.addEventListener("submit", (event) => {
       event.preventDefault();
       joinFromForm();
@@ -657,6 +873,8 @@
     wireEvents();
     ui.name.value = loadSetting(STORAGE.name);
     ui.channel.value = loadSetting(STORAGE.channel) || "general";
+    const token = tokenFromFragment() || loadSession(STORAGE.token);
+    ui.token.value = token;
     followScreenWidth();
     renderPresence();
     if (ui.name.value) joinFromForm();

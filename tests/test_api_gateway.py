@@ -81,7 +81,7 @@ async def test_disconnect_closes_the_users_clients_on_every_gateway(
     a, b = pair
     async with (
         ws_client(a.url, name="mallory") as on_a,
-        ws_client(b.url, name="mallory") as on_b,
+        ws_client(b.url, name="mallory", channel="elsewhere") as on_b,
         ws_client(b.url, name="alice") as alice,
     ):
         with trio.fail_after(WAIT_SECONDS):  # both gateways have heard each other

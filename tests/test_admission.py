@@ -431,3 +431,17 @@ async def test_a_drain_closes_clients_in_batches_with_spread_reconnect_hints(
         gateway.stop("restarting")
     assert len(hints) == 300
     assert max(hints) > 0.02 and len(set(hints)) > 5, "each client waits its own time"
+
+
+async def test_a_draining_gateway_refuses_new_connections_at_once(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway(gateway_options={"drain_timeout": 5.0})
+    async with open_websocket_url(url(gateway) + "?announce=0") as ws:
+        await ws.get_message()
+        gateway.stop("restarting")
+        with trio.fail_after(WAIT_SECONDS), pytest.raises(ConnectionClosed):
+            while True:
+                await ws.get_message()
+        with trio.fail_after(2), pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", gateway.port)

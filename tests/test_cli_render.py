@@ -18,10 +18,13 @@ from broadcast.client.command import UsageError, build_parser, compose_url, main
 from broadcast.client.connection import Frame, Target, describe_close, handshake_url, parse_frame
 from broadcast.client.recovery import Replay, SeenMessages, message_id
 from broadcast.client.render import (
+    HISTORY_RESTARTED_LINE,
+    LOST_WHILE_AWAY_LINE,
     disconnected_line,
     error_line,
     json_line,
     message_line,
+    outage_line,
     recovered_line,
     render_event,
 )
@@ -116,6 +119,17 @@ def test_recovered_lines(complete: bool, resumed: bool, shown: int, line: str | 
     assert recovered_line(event, None) is None  # a replay we never asked for
 
 
+def test_a_restarted_history_is_a_calm_notice_unless_messages_may_be_lost() -> None:
+    resumed = Replay("1-0")
+    restarted = {"type": "recovered", "count": 0, "complete": True, "reset": True}
+    assert recovered_line(restarted, resumed) == HISTORY_RESTARTED_LINE
+    assert HISTORY_RESTARTED_LINE.startswith("* ") and "lost" not in HISTORY_RESTARTED_LINE
+    two = Replay("1-0", shown=2)
+    assert recovered_line(restarted, two) == f"{HISTORY_RESTARTED_LINE}; recovered 2 messages"
+    lossy = {**restarted, "complete": False}
+    assert recovered_line(lossy, resumed) == LOST_WHILE_AWAY_LINE
+
+
 def test_a_replay_counts_the_new_messages_before_recovered() -> None:
     replay = Replay("1-0")
     for event in ({"type": "message", "id": "2-0"}, {"type": "join"}, {"type": "recovered"}):
@@ -142,7 +156,24 @@ def test_render_sanitizes_every_field_and_survives_odd_types() -> None:
 def test_rendered_events_never_hold_a_control_character(kind: str, who: str, text: str) -> None:
     event = {"type": kind, "sender": who, "name": who, "channel": text, "text": text, "ts": 0}
     line = render_event(event)
-    assert line is not None and _unsafe_chars(line) == []
+    assert line is not None
+    _first, *more = line.split("\n")
+    assert _unsafe_chars(line.replace("\n", "")) == []
+    # Only a message's own line breaks make lines, each indented under the first: none of
+    # them can pass for a message of its own, which starts at the left edge with its time.
+    assert len(more) == (text.count("\n") if kind == "message" else 0)
+    assert all(line.startswith(" ") for line in more)
+
+
+def test_a_multi_line_message_keeps_its_lines_indented_under_the_first() -> None:
+    line = message_line("alice", "Traceback:\n  File x\n\x1b[2Jend", TS, time.gmtime)
+    assert line.split("\n") == [
+        "[08:00] alice: Traceback:",
+        "                 File x",
+        "               \\x1b[2Jend",
+    ]
+    long_name = message_line("a" * 32, "one\ntwo", TS, time.gmtime).split("\n")
+    assert long_name[1] == " " * 24 + "two"  # a long name does not push the block away
 
 
 def test_error_line_keeps_the_code() -> None:
@@ -155,11 +186,14 @@ def test_status_lines() -> None:
     assert lost == "* connection lost: the connection dropped; reconnecting in 1.4 s"
     never = disconnected_line("ws://h:1/", "connection refused", 0.5, was_connected=False)
     assert never == "* cannot reach ws://h:1/: connection refused; retrying in 0.5 s"
-    drain = "the server is restarting (1012: draining)"
-    soon = disconnected_line("ws://h:1/", drain, 0.04, was_connected=True, restarting=True)
-    assert soon == "* server is restarting; reconnecting"
-    later = disconnected_line("ws://h:1/", drain, 1.5, was_connected=True, restarting=True)
-    assert later == "* server is restarting; reconnecting in 1.5 s"
+    drain = "the server shut down (1012: draining)"
+    soon = disconnected_line("ws://h:1/", drain, 0.04, was_connected=True, shut_down=True)
+    assert soon == "* the server shut down; reconnecting"
+    later = disconnected_line("ws://h:1/", drain, 1.5, was_connected=True, shut_down=True)
+    assert later == "* the server shut down; reconnecting in 1.5 s"
+    assert outage_line("ws://h:1/", "connection refused", 4.2, 3) == (
+        "* reconnecting to ws://h:1/ in 4 s (attempt 3): connection refused"
+    )
 
 
 def test_json_line_is_the_frame_as_received_when_safe() -> None:
@@ -187,13 +221,13 @@ def test_close_reasons_read_plainly() -> None:
 
     assert describe_close(None) == "the connection dropped"
     assert describe_close(CloseReason(1006, None)) == "the connection dropped"
-    assert describe_close(CloseReason(1001, "bye")) == "the server is shutting down (1001: bye)"
+    assert describe_close(CloseReason(1001, "bye")) == "the server shut down (1001: bye)"
     assert describe_close(CloseReason(4008, None)) == "this client read too slowly (4008)"
     assert describe_close(CloseReason(4010, "idle: no reply to ping")) == (
         "the server heard nothing from this client for too long (4010: idle: no reply to ping)"
     )
     assert describe_close(CloseReason(1012, "draining")) == (
-        "the server is restarting (1012: draining)"
+        "the server shut down (1012: draining)"
     )
 
 
@@ -300,12 +334,12 @@ def test_the_handshake_query_keeps_parameters_of_the_url() -> None:
 # --- backoff -------------------------------------------------------------------------------
 
 
-def test_backoff_grows_exponentially_up_to_the_cap_with_full_jitter() -> None:
+def test_backoff_grows_exponentially_up_to_the_cap_with_equal_jitter() -> None:
     backoff = Backoff(base=1.0, cap=10.0, rng=random.Random(7))
     ceilings = []
     for _ in range(40):
         ceilings.append(backoff.ceiling())
-        assert 0 <= backoff.next_delay() <= ceilings[-1]
+        assert ceilings[-1] / 2 <= backoff.next_delay() <= ceilings[-1]
     assert ceilings[:6] == [1, 2, 4, 8, 10, 10]
     assert ceilings[-1] == 10
     backoff.reset()
@@ -320,7 +354,13 @@ def test_after_a_drain_the_retry_comes_at_once_and_the_next_backs_off() -> None:
 
 def test_backoff_delays_are_spread_not_synchronised() -> None:
     delays = [Backoff(rng=random.Random(seed)).next_delay() for seed in range(200)]
-    assert min(delays) < 0.1 and max(delays) > 0.9  # full jitter: anywhere in [0, base]
+    assert min(delays) < 0.6 and max(delays) > 0.9  # anywhere in [base / 2, base]
+
+
+def test_a_retry_after_is_honoured_with_a_little_jitter_on_top() -> None:
+    delays = [Backoff(rng=random.Random(seed)).at_least(4.0) for seed in range(200)]
+    assert all(4.0 <= delay <= 5.0 for delay in delays)
+    assert max(delays) - min(delays) > 0.5
 
 
 # --- command line --------------------------------------------------------------------------
@@ -364,3 +404,19 @@ def test_main_returns_exit_codes_instead_of_exiting(capsys: pytest.CaptureFixtur
     assert build_parser().parse_args(["connect"]).history == 0
     assert main([]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_presence_diff_says_who_came_and_went() -> None:
+    event = {
+        "type": "presence_diff",
+        "channel": "general",
+        "joined": ["bob", "carol"],
+        "left": ["\x1b[2Jdave"],
+        "more_joined": 3,
+        "more_left": 0,
+        "ts": TS,
+    }
+    assert render_event(event, time.gmtime) == (
+        "[08:00] * bob, carol, 3 more joined #general\n[08:00] * \\x1b[2Jdave left #general"
+    )
+    assert render_event({**event, "joined": [], "left": [], "more_joined": 0}) is None

@@ -19,7 +19,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from broadcast.client.render import presence_line
 from broadcast.security import mint_token
-from tests.support.cli_process import CLI, cli_env, next_event, run_cli
+from tests.support.cli_process import CLI, cli_env, next_change, next_event, run_cli
 from tests.support.fake_gateway import FakeGateway
 from tests.support.gateway_process import GatewayProcess
 from tests.support.pty_terminal import PtyTerminal
@@ -57,7 +57,7 @@ async def test_who_lists_the_members_and_not_itself_nor_disturbs_them(
         member(gateway_process.url, "bob", channel) as bob,
         member(gateway_process.url, "alice", channel),
     ):
-        await next_event(bob, lambda e: e.get("type") == "join" and e.get("name") == "alice")
+        await next_change(bob, "join", "alice")
         result = await run_cli("who", "--url", gateway_process.url, "--channel", channel)
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().splitlines() == ["alice", "bob"]
@@ -124,7 +124,7 @@ async def test_who_and_join_at_the_prompt(gateway_process: GatewayProcess) -> No
             member(gateway_process.url, "dan", other) as dan,
         ):
             await terminal.wait_for_text("* connected to ")
-            await next_event(bob, lambda e: e.get("type") == "join" and e.get("name") == "alice")
+            await next_change(bob, "join", "alice")
             terminal.type("/who\r")
             await terminal.wait_for_text(f"* here in #{home}: alice, bob")
             # The snapshot after the welcome is not shown: one /who, one line.
@@ -133,15 +133,14 @@ async def test_who_and_join_at_the_prompt(gateway_process: GatewayProcess) -> No
             terminal.type("/join no/such\r")
             await terminal.wait_for_text("! bad_channel: ")
             terminal.type("/nope\r")
-            await terminal.wait_for_text("! unknown command /nope; /who, /join CHANNEL; /quit")
+            await terminal.wait_for_text("! unknown command /nope; /who, /join CHANNEL, /name")
 
             terminal.type(f"/join {other}\r")
             await terminal.wait_for_text(f"* you are now in #{other}")
             await terminal.wait_for(
                 lambda: terminal.last_line() == f"#{other}>", "the prompt naming the new channel"
             )
-            leave = await next_event(bob, lambda e: e.get("type") in ("leave", "message"))
-            assert (leave["type"], leave["name"]) == ("leave", "alice")
+            await next_change(bob, "leave", "alice")
 
             terminal.type("over here\r")
             said = await next_event(dan, lambda e: e.get("type") == "message")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -171,8 +172,9 @@ class ChatPage:
     def expect_no_message(self, text: str) -> None:
         expect(self.message(text)).to_have_count(0)
 
-    def expect_notice(self, text: str) -> None:
-        expect(self.page.locator("#log li.notice", has_text=text).first).to_be_visible()
+    def expect_notice(self, text: str, timeout: float = WAIT_MS) -> None:
+        notice = self.page.locator("#log li.notice", has_text=text).first
+        expect(notice).to_be_visible(timeout=timeout)
 
     def expect_presence(self, *names: str) -> None:
         """The online list, in order; this page's own name reads "NAME (you)"."""
@@ -236,7 +238,7 @@ async def gateways(
 
 async def next_message(client: Any) -> tuple[str, str]:
     """(sender, text) of a raw client's next chat message, passing over notices."""
-    event = await client.expect("message", skip=("join", "leave", "presence"))
+    event = await client.expect("message", skip=("join", "leave", "presence", "presence_diff"))
     return event["sender"], event["text"]
 
 
@@ -306,7 +308,7 @@ async def test_text_and_names_from_others_render_as_text(
     browser: BrowserThread, redis_server: RedisServer
 ) -> None:
     """A message (and a name) carrying HTML shows literally: no element made, nothing run."""
-    hostile_name = "<img src=x onerror=alert(2)>"
+    hostile_name = "x<img src=x onerror=alert(2)>"  # a name starts with a letter or digit
     with trio.fail_after(TEST_SECONDS):
         async with (
             gateways(redis_server, "gw-a", "gw-b") as gw,
@@ -316,7 +318,7 @@ async def test_text_and_names_from_others_render_as_text(
             alice = await open_page(page_url(gw["gw-a"]))
             await run(alice.join, "alice")
             async with ws_client(gw["gw-b"].url, name=hostile_name, channel="general") as mallory:
-                await run(alice.expect_presence, hostile_name, "alice (you)")
+                await run(alice.expect_presence, "alice (you)", hostile_name)
                 await mallory.publish(XSS)
                 await mallory.publish(SCRIPT)
                 await run(alice.expect_message, XSS, hostile_name, own=False)
@@ -353,7 +355,7 @@ async def test_page_reconnects_after_its_gateway_restarts_and_recovers(
 
                 await trio.to_thread.run_sync(gw["gw-a"].terminate)  # drains: close 1012
                 await run(alice.expect_state, "reconnecting")
-                await run(alice.expect_notice, "the server is restarting")
+                await run(alice.expect_notice, "the server shut down")
                 await bob.publish("while you were away 1")
                 await bob.publish("while you were away 2")
 
@@ -421,3 +423,122 @@ async def test_join_switches_channel_and_settings_are_remembered(browser: Browse
                 assert await run(alice.page.text_content, "#room-name") == "#dev"
                 # The channel's recent history is shown to someone (re)arriving.
                 await run(alice.expect_message, "only for dev", "dave", own=False)
+
+
+SECRET = "a-web-test-secret-that-is-long-enough-for-hs256"
+
+
+async def test_page_logs_in_with_a_token_and_says_when_it_is_missing_or_expired(
+    browser: BrowserThread,
+) -> None:
+    """``#token=`` logs the page in (and leaves the address bar at once); without a token, or
+    with an expired one, the page says so instead of retrying in silence."""
+    from broadcast.security.tokens import mint_token
+
+    alice_token = mint_token(SECRET, "alice", 600)
+    bob_token = mint_token(SECRET, "bob", 600)
+    expired = mint_token(SECRET, "carol", 60, now=time.time() - 3600)
+    with trio.fail_after(TEST_SECONDS):
+        gateway = await trio.to_thread.run_sync(
+            partial(GatewayProcess, node_id="gw-auth", extra=("--auth-secret", SECRET))
+        )
+        try:
+            async with open_pages(browser) as open_page:
+                run = browser.run
+                url = page_url(gateway)
+                alice = await open_page(f"{url}#token={alice_token}")
+                assert "token" not in await run(lambda: alice.page.url)
+                assert await run(alice.page.input_value, "#token") == alice_token
+                await run(alice.join, "alice")
+                async with ws_client(gateway.url, token=bob_token, channel="general") as bob:
+                    await run(alice.say, "hello with a token")
+                    assert await next_message(bob) == ("alice", "hello with a token")
+
+                # No token: refused handshakes are explained, not retried in silence.
+                carol = await open_page(url)
+                await run(carol.page.fill, "#name", "carol")
+                await run(carol.page.click, "#join")
+                await run(carol.expect_notice, "it may require a token", RECONNECT_WAIT_MS)
+                note = carol.page.locator("#form-note")
+                await run(expect(note).to_contain_text, "enter it here")
+
+                # An expired one: said plainly, and no more retries with it.
+                await run(carol.page.fill, "#token", expired)
+                await run(carol.page.click, "#join")
+                await run(carol.expect_notice, "your token expired", RECONNECT_WAIT_MS)
+                await run(carol.expect_state, "disconnected")
+                await run(expect(note).to_contain_text, "your token expired")
+
+                # Validation notes sit under the form and go once the field is right.
+                await run(carol.page.fill, "#name", "no:colons")
+                await run(carol.page.click, "#join")
+                await run(expect(note).to_have_text, "a name may not contain a colon")
+                await run(carol.page.fill, "#name", "carol")
+                await run(expect(note).to_be_hidden)
+        finally:
+            gateway.kill()
+
+
+async def test_multi_line_messages_keep_their_lines_and_history_counts_read_plainly(
+    browser: BrowserThread,
+) -> None:
+    with trio.fail_after(TEST_SECONDS):
+        async with gateways(None, "gw-a") as gw, open_pages(browser) as open_page:
+            run = browser.run
+            async with ws_client(gw["gw-a"].url, name="bob", channel="lines") as bob:
+                await bob.publish("earlier")
+                alice = await open_page(page_url(gw["gw-a"]))
+                await run(alice.join, "alice", "lines")
+                await run(alice.expect_notice, "1 earlier message")
+                assert "above" not in await run(alice.page.text_content, "#log")
+                await bob.publish("line one\n  line two")
+                row = alice.page.locator("#log li.msg .text").last
+                await run(expect(row).to_have_text, "line one\n  line two")
+                box = await run(row.bounding_box)
+                one_line = await run(alice.page.locator("#log li.msg .text").first.bounding_box)
+                assert box["height"] > 1.5 * one_line["height"]  # shown on two lines
+
+
+async def test_a_restarted_gateway_is_a_calm_notice_on_the_page(browser: BrowserThread) -> None:
+    """One gateway, its history in memory, dies and comes back empty: nobody spoke, so the
+    page says the history restarted and nothing was missed, not that messages were lost."""
+    port = free_port()
+    with trio.fail_after(TEST_SECONDS):
+        async with open_pages(browser) as open_page:
+            run = browser.run
+            async with gateways(None, ("gw-a", port)) as gw:
+                alice = await open_page(page_url(gw["gw-a"]))
+                await run(alice.join, "alice")
+                await run(alice.say, "before")
+                await run(alice.expect_message, "before", "alice", own=True)
+                await trio.to_thread.run_sync(gw["gw-a"].kill)
+                await run(alice.expect_state, "reconnecting")
+            async with gateways(None, ("gw-b", port)):
+                await run(alice.expect_state, "connected", RECONNECT_WAIT_MS)
+                await run(alice.expect_notice, "history of this channel restarted")
+                assert "messages were lost" not in await run(alice.page.text_content, "#log")
+
+
+async def test_a_token_that_expires_while_chatting_is_said_plainly(browser: BrowserThread) -> None:
+    """The gateway closes with 4001 when the token expires (after its 10 s leeway): the page
+    says the token expired, asks for a new one, and does not retry with the old one."""
+    from broadcast.security.tokens import mint_token
+
+    short = mint_token(SECRET, "alice", 1)
+    with trio.fail_after(TEST_SECONDS):
+        gateway = await trio.to_thread.run_sync(
+            partial(GatewayProcess, node_id="gw-exp", extra=("--auth-secret", SECRET))
+        )
+        try:
+            async with open_pages(browser) as open_page:
+                run = browser.run
+                alice = await open_page(f"{page_url(gateway)}#token={short}")
+                await run(alice.join, "alice")
+                await run(alice.expect_notice, "your token expired", 30_000)
+                await run(alice.expect_state, "disconnected")
+                assert await run(alice.page.text_content, "#state") == "token expired"
+                assert await run(alice.page.input_value, "#token") == ""
+                note = alice.page.locator("#form-note")
+                await run(expect(note).to_contain_text, "paste a new one")
+        finally:
+            gateway.kill()

@@ -148,3 +148,20 @@ async def next_event(ws: WebSocketConnection, match: Any, seconds: float = 15) -
             event = json.loads(await ws.get_message())
             if match(event):
                 return event
+
+
+def presence_changes(event: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(join|leave, name)`` told by an event: a ``join``/``leave`` (older gateways) or a
+    ``presence_diff``, which gathers several (and none for whoever came and went at once)."""
+    kind = event.get("type")
+    if kind in ("join", "leave"):
+        return [(kind, str(event.get("name")))]
+    if kind == "presence_diff":
+        joined = [("join", str(name)) for name in event.get("joined", [])]
+        return joined + [("leave", str(name)) for name in event.get("left", [])]
+    return []
+
+
+async def next_change(ws: WebSocketConnection, kind: str, name: str) -> None:
+    """Until an event tells that ``name`` joined (``kind`` "join") or left ("leave")."""
+    await next_event(ws, lambda e: (kind, name) in presence_changes(e))

@@ -68,6 +68,9 @@ class FakeGateway:
         self.refuse_name: str | None = None  # an error code for every name a client asks for
         self.replay_overlap = 0  # replay this many messages at or before ``since`` as well
         self.history_lost = False  # every replay says ``complete: false``
+        self.refuse_every = 0  # refuse every Nth publish as rate_limited (a hint in words only)
+        self.epoch: str | None = None  # the history's epoch, when set: in messages and events
+        self._publishes = 0
 
     @property
     def url(self) -> str:
@@ -148,6 +151,7 @@ class FakeGateway:
         event = {
             "type": "message",
             "id": f"{int(time.time() * 1000)}-{next(self._ids)}",  # increasing, as (ms, seq)
+            **({"epoch": self.epoch} if self.epoch else {}),
             "channel": channel,
             "sender": sender,
             "text": text,
@@ -225,7 +229,11 @@ class FakeGateway:
     async def _replay(self, client: FakeClient, recovery: Recovery) -> None:
         """What was asked for, oldest first, then ``recovered``; sloppy or lossy on demand."""
         stored = list(self.history.get(client.channel, ()))
-        if recovery.since is not None:
+        asked_epoch = client.query.get("epoch")
+        reset = bool(self.epoch and recovery.since is not None and asked_epoch != self.epoch)
+        if reset:  # the client's history is gone: this one, from its start
+            messages = stored
+        elif recovery.since is not None:
             since = parse_id(recovery.since)
             after = [m for m in stored if parse_id(m["id"]) > since]
             before = stored[: len(stored) - len(after)]
@@ -240,6 +248,8 @@ class FakeGateway:
             "channel": client.channel,
             "count": len(messages),
             "complete": not self.history_lost,
+            **({"epoch": self.epoch} if self.epoch else {}),
+            **({"reset": True} if reset else {}),
         }
         await client.ws.send_message(json.dumps(recovered))
 
@@ -285,6 +295,16 @@ class FakeGateway:
         elif kind == "who":
             await self._presence(client)
         elif kind == "publish":
+            self._publishes += 1
+            if self.refuse_every and self._publishes % self.refuse_every == 0:
+                refusal = {
+                    "type": "error",
+                    "code": "rate_limited",
+                    "message": "too many messages; try again in 0.05 s",
+                    "ref": command.get("ref"),
+                }
+                await client.ws.send_message(json.dumps(refusal))
+                return
             origin = f"{self.node}/{client.number}"
             event = self._store(client.name, command["text"], client.channel, origin)
             await client.ws.send_message(

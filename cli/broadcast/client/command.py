@@ -11,6 +11,7 @@ help says so. Neither is ever printed, not even in an error about it.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import ipaddress
 import os
@@ -23,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import trio
 
+from broadcast.client.api_command import add_publish_parser, run_publish
 from broadcast.client.chat import run_chat
 from broadcast.client.connection import Target
 from broadcast.client.failures import Fatal, report
@@ -63,6 +65,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         used = parser.command_parsers[args.command]  # type: ignore[attr-defined]
         if args.command == "token":
             return _print_token(args, environ)
+        if args.command == "publish":  # the server API over HTTP (api_command.py)
+            return run_publish(args, environ)
+        if args.command == "send" and args.text is None and sys.stdin.isatty():
+            raise UsageError("give the message, or pipe lines into send (one message a line)")
         target = make_target(args, environ)
     except UsageError as exc:
         used.print_usage(sys.stderr)
@@ -163,6 +169,14 @@ async def _connect(target: Target) -> int:
         return ending.exit_code
 
 
+def version() -> str:
+    """The installed package's version; "unknown" when run from a tree that is not installed."""
+    try:
+        return importlib.metadata.version("broadcast")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     where = argparse.ArgumentParser(add_help=False)
     server = where.add_argument_group("server")
@@ -197,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Chat on a broadcast server from the terminal."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     replay = argparse.ArgumentParser(add_help=False)
     replay.add_argument(
@@ -211,23 +226,29 @@ def build_parser() -> argparse.ArgumentParser:
         "connect",
         parents=[where, replay],
         help="chat interactively",
-        description="Chat interactively: type a line and press Enter to send it; "
-        "/quit, exit, Ctrl+C or Ctrl+D to leave. With stdin not a terminal, sends its lines.",
+        description="Chat interactively: type a line and press Enter to send it (a pasted "
+        "block of lines is one message); /who, /join CHANNEL, /name NAME, /help; /quit, exit, "
+        "Ctrl+C or Ctrl+D to leave. With stdin not a terminal, sends each of its lines, paced "
+        "to the server's rate, and exits 1 naming any line that was not delivered.",
     )
     send = commands.add_parser(
         "send",
         parents=[where],
-        help="publish one message and exit",
+        help="publish one message (or each line of stdin) and exit",
         description="Publish one message, wait for the server's ack and print the message id. "
-        "Exit status: 0 accepted, 1 refused by the server (the message or the token), "
-        "2 no answer, the connection failed or the server's certificate did not verify.",
+        "Without TEXT, each line of stdin is a message, sent in order at the server's rate, "
+        "one id printed per ack. Exit status: 0 all accepted, 1 refused by the server (the "
+        "message or the token), 2 no answer, the connection failed or the server's "
+        "certificate did not verify.",
     )
-    send.add_argument("text", help="the message")
+    send.add_argument(
+        "text", nargs="?", metavar="TEXT", help="the message (default: the lines of stdin)"
+    )
     send.add_argument(
         "--timeout",
         type=_positive,
         default=DEFAULT_TIMEOUT,
-        help="give up after this many seconds (default %(default)g)",
+        help="give up after this many seconds without an answer (default %(default)g)",
     )
     who = commands.add_parser(
         "who",
@@ -286,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--secret", help=f"the HS256 secret; better: set {SECRET_VARIABLE} (ps shows commands)"
     )
+    add_publish_parser(commands)
     parser.command_parsers = commands.choices  # type: ignore[attr-defined]
     return parser
 

@@ -90,13 +90,18 @@ class Frame:
 class ChatError(Exception):
     """A network failure, with a short reason for people: ``connection refused``, …
 
-    ``code`` is the WebSocket close code when the server closed the connection with one.
+    ``code`` is the WebSocket close code when the server closed the connection with one;
+    ``retry_after`` the seconds of a ``503`` refusal's ``Retry-After`` (a full or draining
+    gateway saying when to come back).
     """
 
-    def __init__(self, reason: str, code: int | None = None) -> None:
+    def __init__(
+        self, reason: str, code: int | None = None, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.retry_after = retry_after
 
 
 class Unreachable(ChatError):
@@ -167,6 +172,25 @@ def _denied_by_close(exc: ConnectionClosed) -> Denied:
     return Denied("token_expired", reason or "unauthorized", live=True)
 
 
+# Retry-After in seconds; the HTTP-date form is not used by gateways, and is ignored.
+_RETRY_AFTER_LIMIT = 300.0  # a proxy's "come back in a day" is not a reason to sleep that long
+
+
+def retry_after_header(exc: ConnectionRejected) -> float | None:
+    """The ``Retry-After`` of a 503 refusal, in seconds (bounded); None without one."""
+    if exc.status_code != 503:
+        return None
+    for key, value in exc.headers or ():
+        if key.lower() == b"retry-after":
+            try:
+                seconds = float(value.decode("ascii", "replace").strip())
+            except ValueError:
+                return None
+            if seconds == seconds and seconds >= 0:
+                return min(seconds, _RETRY_AFTER_LIMIT)
+    return None
+
+
 def _is_unauthorized(exc: ConnectionClosed) -> bool:
     return _close_code(exc) == CloseCode.UNAUTHORIZED
 
@@ -185,7 +209,8 @@ def parse_frame(message: str | bytes) -> Frame | None:
 class ChatConnection:
     """A welcomed connection: publish text, receive events.
 
-    ``replay`` is what the handshake asked to be replayed, if anything.
+    ``replay`` is what the handshake asked to be replayed, if anything. ``welcome`` is the
+    latest welcome: a ``hello`` that renames us is answered with a new one.
     """
 
     def __init__(
@@ -204,6 +229,16 @@ class ChatConnection:
     @property
     def channel(self) -> str:
         return str(self.welcome.get("channel", "?"))
+
+    @property
+    def epoch(self) -> str | None:
+        """The epoch of the channel's history, when the gateway says it (docs/protocol.md)."""
+        epoch = self.welcome.get("epoch")
+        return epoch if isinstance(epoch, str) and epoch else None
+
+    async def rename(self, name: str) -> None:
+        """Ask to be called ``name``; the server answers with a ``welcome`` or an ``error``."""
+        await self._send({"type": "hello", "name": name})
 
     async def publish(self, text: str, ref: str) -> None:
         """Send one message; the server answers with an ``ack`` or ``error`` carrying ``ref``."""
@@ -272,10 +307,14 @@ def _close_code(exc: ConnectionClosed) -> int | None:
     return exc.reason.code if exc.reason is not None else None
 
 
-def handshake_url(target: Target, *, since: str | None = None, history: int = 0) -> str:
+def handshake_url(
+    target: Target, *, since: str | None = None, history: int = 0, epoch: str | None = None
+) -> str:
     """``target.url`` with our name, channel and replay request in its query string.
 
-    Parameters already in a ``--url`` are kept, except those we set ourselves.
+    ``epoch`` goes with ``since``: the history ``since`` belongs to, so that the gateway can
+    tell a restarted history from lost messages. Parameters already in a ``--url`` are kept,
+    except those we set ourselves.
     """
     ours: dict[str, str] = {"channel": target.channel}
     if target.name is not None:
@@ -284,6 +323,8 @@ def handshake_url(target: Target, *, since: str | None = None, history: int = 0)
         ours["announce"] = "0"
     if since is not None:
         ours["since"] = since
+        if epoch is not None:
+            ours["epoch"] = epoch
     elif history > 0:
         ours["history"] = str(history)
     parts = urlsplit(target.url)
@@ -298,6 +339,7 @@ async def open_chat(
     *,
     since: str | None = None,
     history: int = 0,
+    epoch: str | None = None,
 ) -> AsyncIterator[ChatConnection]:
     """A welcomed connection, closed with code 1000 on the way out (even when cancelled).
 
@@ -311,7 +353,7 @@ async def open_chat(
         try:
             ws = await stack.enter_async_context(
                 open_websocket(
-                    handshake_url(target, since=since, history=history),
+                    handshake_url(target, since=since, history=history, epoch=epoch),
                     ssl_context=target.ssl_context,
                     headers=target.headers(),
                     connect_timeout=handshake_seconds,
@@ -321,7 +363,7 @@ async def open_chat(
         except ConnectionRejected as exc:
             if exc.status_code in (401, 403):
                 raise _denied_at_handshake(exc) from None
-            raise Unreachable(describe(exc)) from None
+            raise Unreachable(describe(exc), retry_after=retry_after_header(exc)) from None
         except (HandshakeError, OSError) as exc:
             raise Unreachable(describe(exc)) from None
         stack.push_async_callback(close_politely, ws)
@@ -398,12 +440,14 @@ def describe(exc: BaseException) -> str:
 
 _CLOSE_MEANINGS = {
     CloseCode.NORMAL: "closed by the server",
-    CloseCode.GOING_AWAY: "the server is shutting down",
+    CloseCode.GOING_AWAY: "the server shut down",
     CloseCode.PROTOCOL_ERROR: "WebSocket protocol error",
     CloseCode.MESSAGE_TOO_BIG: "a frame was too big",
-    CloseCode.SERVICE_RESTART: "the server is restarting",
+    CloseCode.SERVICE_RESTART: "the server shut down",
     CloseCode.SLOW: "this client read too slowly",
     CloseCode.IDLE: "the server heard nothing from this client for too long",
+    4003: "disconnected by the server's operator",
+    4029: "too many requests after being told to slow down",
 }
 
 

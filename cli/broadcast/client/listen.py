@@ -7,7 +7,9 @@ What the recovery found (``recovered``) and a server-side ``gap`` are part of th
 place they happened: stdout, so a script can act on them and a person sees where a loss lies.
 
 A refused token or an untrusted certificate ends it (see failures.py), as does the token
-expiring while connected (close 4001): reconnecting with the same token would be refused.
+expiring while connected (close 4001): reconnecting with the same token would be refused. So
+does a first connection that cannot be made (a wrong port): only an outage is waited out, and
+it shows as one status line on stderr, rewritten in place on a terminal.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from broadcast.client.connection import (
     Frame,
     Refused,
     Target,
+    Unreachable,
 )
-from broadcast.client.failures import REFUSED, Fatal, fatal, report
-from broadcast.client.link import Link, server_restarting
+from broadcast.client.failures import FAILED, REFUSED, Fatal, fatal, report
+from broadcast.client.link import Link, server_shut_down
 from broadcast.client.recovery import Replay
 from broadcast.client.render import (
     connected_line,
@@ -39,9 +42,10 @@ from broadcast.client.render import (
 )
 from broadcast.client.sanitize import sanitize
 from broadcast.client.signals import wait_for_leave_signal
+from broadcast.client.terminal import Outage, StatusLine
 from broadcast.client.transport import ServerNotTrusted
 
-SHOWN = frozenset({"message", "join", "leave", "recovered", "gap"})
+SHOWN = frozenset({"message", "join", "leave", "presence_diff", "recovered", "gap"})
 
 
 class Listener:
@@ -51,9 +55,13 @@ class Listener:
         self._target = target
         self._as_json = as_json
         self._replay: Replay | None = None  # what the current connection asked for
+        self._outages = 0  # failed attempts since the connection was last up
+        self._status = StatusLine(sys.stderr)
 
     def connected(self, chat: ChatConnection) -> None:
         self._replay = chat.replay
+        self._outages = 0
+        self._status.clear()
         _status(connected_line(self._target.url, chat.name, chat.channel))
 
     def received(self, frame: Frame) -> None:
@@ -72,13 +80,17 @@ class Listener:
             print(line, flush=True)
 
     def disconnected(self, error: ChatError, retry_in: float) -> None:
+        self._outages += 1
+        if self._outages > 1:
+            self._status.update(Outage(self._target.url, error.reason, retry_in, self._outages))
+            return
         _status(
             disconnected_line(
                 self._target.url,
                 error.reason,
                 retry_in,
                 was_connected=isinstance(error, ConnectionLost),
-                restarting=server_restarting(error),
+                shut_down=server_shut_down(error),
             )
         )
 
@@ -113,6 +125,8 @@ async def run_listen(target: Target, *, as_json: bool) -> int:
                 exit_code = _report(fatal(exc))
         except ServerNotTrusted as exc:
             exit_code = _report(fatal(exc))
+        except Unreachable as exc:
+            exit_code = _report(Fatal(f"cannot reach {target.url}: {exc.reason}", FAILED))
         except BrokenPipeError:  # whoever read our stdout has gone (``listen --json | head``)
             _discard_stdout()
         nursery.cancel_scope.cancel()

@@ -8,6 +8,11 @@ are kept and a repeat is dropped.
 
 Only recent ids are kept: a replay starts right after the newest id we saw, so a duplicate can
 only be one of the last messages, and a long-running client must not grow without bound.
+
+Ids compare only within one history, which the gateway names by its ``epoch`` (on every message).
+A message of another epoch means the history restarted (a gateway or Redis came back empty): the
+ids seen so far say nothing about the new ones, so they are forgotten, and the epoch of the last
+message seen goes back to the gateway with ``since``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broadcast.protocol.envelope import parse_id
+from broadcast.protocol.ids import parse_message_id
 
 if TYPE_CHECKING:
     from broadcast.client.connection import Frame
@@ -31,10 +36,10 @@ def message_id(value: object) -> MessageId | None:
     """``"1732435200123-0"`` as ``(1732435200123, 0)``; None for anything else (a bad server)."""
     if not isinstance(value, str):
         return None
-    ms, dash, seq = value.partition("-")
-    if not (dash and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+    try:
+        return parse_message_id(value)
+    except ValueError:
         return None
-    return parse_id(value)
 
 
 class SeenMessages:
@@ -51,6 +56,8 @@ class SeenMessages:
         self._newest: MessageId | None = None
         self.newest_text: str | None = None
         """The newest id seen, as the server wrote it: where to resume after a reconnect."""
+        self.epoch: str | None = None
+        """The epoch of the messages seen (None from a gateway that does not say)."""
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -63,6 +70,13 @@ class SeenMessages:
         """
         if frame.kind not in ("message", "ack"):
             return True
+        epoch = frame.event.get("epoch")
+        if isinstance(epoch, str) and epoch and epoch != self.epoch:
+            if self.epoch is not None:  # a new history: its ids start afresh
+                self._order.clear()
+                self._ids.clear()
+                self._newest = self.newest_text = None
+            self.epoch = epoch
         raw = frame.event.get("id")
         key = message_id(raw)
         if key is None:  # no usable id: show it, but it cannot be deduplicated or resumed from

@@ -3,6 +3,10 @@
 Pure functions, no I/O. Every string that came from the network is sanitized here, so callers
 can print the result as it is. Notices start with ``* `` and errors with ``! ``, as on the line
 protocol (docs/protocol.md).
+
+A message may hold several lines (a pasted stack trace). Its first line follows the sender's
+name; the others are indented, so no line of a message can pass for a message of its own (every
+message starts at the left edge, with its time).
 """
 
 from __future__ import annotations
@@ -33,13 +37,27 @@ def _field(event: Mapping[str, Any], key: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+# Continuation lines start under the message's first character, but never further right than
+# this: a long name must not push a pasted block off a narrow terminal.
+MAX_INDENT = 24
+
+
 def message_line(sender: str, text: str, ts: object, local_time: LocalTime = time.localtime) -> str:
-    """One chat message; also used for our own line, which the server does not echo."""
-    return f"[{clock(ts, local_time)}] {sanitize(sender)}: {sanitize(text)}"
+    """One chat message; also used for our own line, which the server does not echo.
+
+    Several lines for a text with line breaks, the later ones indented.
+    """
+    head = f"[{clock(ts, local_time)}] {sanitize(sender)}: "
+    first, *more = text.split("\n")
+    if not more:
+        return head + sanitize(first)
+    indent = " " * min(len(head), MAX_INDENT)
+    return "\n".join([head + sanitize(first), *(indent + sanitize(line) for line in more)])
 
 
 GAP_LINE = "! some messages may have been lost (server link interrupted)"
 LOST_WHILE_AWAY_LINE = "! some messages were lost while disconnected"
+HISTORY_RESTARTED_LINE = "* the server's history of this channel restarted; nothing was missed"
 
 
 def render_event(event: Mapping[str, Any], local_time: LocalTime = time.localtime) -> str | None:
@@ -59,7 +77,25 @@ def render_event(event: Mapping[str, Any], local_time: LocalTime = time.localtim
         stamp = clock(event.get("ts"), local_time)
         name, channel = sanitize(_field(event, "name")), sanitize(_field(event, "channel"))
         return f"[{stamp}] * {name} {verb} #{channel}"
+    if kind == "presence_diff":
+        return _presence_diff_lines(event, local_time)
     return None
+
+
+def _presence_diff_lines(event: Mapping[str, Any], local_time: LocalTime) -> str | None:
+    """``[14:03] * bob, carol joined #general`` and a ``left`` line: who came and went."""
+    stamp = clock(event.get("ts"), local_time)
+    channel = sanitize(_field(event, "channel"))
+    lines = []
+    for key, more_key, verb in (("joined", "more_joined", "joined"), ("left", "more_left", "left")):
+        names = event.get(key)
+        names = [sanitize(_field({"n": n}, "n")) for n in names] if isinstance(names, list) else []
+        more = event.get(more_key)
+        if isinstance(more, int) and not isinstance(more, bool) and more > 0:
+            names.append(f"{more} more")
+        if names:
+            lines.append(f"[{stamp}] * {', '.join(names)} {verb} #{channel}")
+    return "\n".join(lines) or None
 
 
 def recovered_line(event: Mapping[str, Any], replay: Replay | None) -> str | None:
@@ -69,9 +105,18 @@ def recovered_line(event: Mapping[str, Any], replay: Replay | None) -> str | Non
     connection asked for. The number is of the replayed messages new to us (``replay.shown``):
     the event's ``count``, unless the server replayed some we had already shown. Nothing missed
     is not news; a loss always is. None too for a ``recovered`` we never asked for.
+
+    ``reset: true`` says the history we resumed from is gone (the server restarted with an empty
+    one): with ``complete: true`` nothing was published meanwhile that we did not get, which is a
+    calm notice and no loss.
     """
     if replay is None:
         return None
+    if event.get("reset") is True and event.get("complete") is True and replay.resumed:
+        if replay.shown == 0:
+            return HISTORY_RESTARTED_LINE
+        plural = "" if replay.shown == 1 else "s"
+        return f"{HISTORY_RESTARTED_LINE}; recovered {replay.shown} message{plural}"
     if event.get("complete") is False:
         if replay.resumed:
             return LOST_WHILE_AWAY_LINE
@@ -118,18 +163,26 @@ def connected_line(url: str, name: str, channel: str) -> str:
 
 
 def disconnected_line(
-    url: str, reason: str, retry_in: float, *, was_connected: bool, restarting: bool = False
+    url: str, reason: str, retry_in: float, *, was_connected: bool, shut_down: bool = False
 ) -> str:
     """``connection lost: …; reconnecting in 1.4 s``, or ``cannot reach …`` for a failed attempt.
 
-    ``restarting``: the gateway is draining (1012), which is routine, and we reconnect at once.
+    ``shut_down``: the gateway closed with 1001 or 1012 (stopped, or draining). Whether it comes
+    back, or another takes over, is not ours to know: we reconnect at once.
     """
-    if restarting:
+    if shut_down:
         when = f" in {retry_in:.1f} s" if retry_in >= 0.5 else ""
-        return notice_line(f"server is restarting; reconnecting{when}")
+        return notice_line(f"the server shut down; reconnecting{when}")
     if was_connected:
         return notice_line(f"connection lost: {reason}; reconnecting in {retry_in:.1f} s")
     return notice_line(f"cannot reach {url}: {reason}; retrying in {retry_in:.1f} s")
+
+
+def outage_line(url: str, reason: str, retry_in: float, attempts: int) -> str:
+    """The one status line of an outage, rewritten at each attempt: ``reconnecting to …``."""
+    tries = "" if attempts <= 1 else f" (attempt {attempts})"
+    when = f"in {retry_in:.0f} s" if retry_in >= 0.5 else "now"
+    return notice_line(f"reconnecting to {url} {when}{tries}: {reason}")
 
 
 def json_line(raw: str, event: Mapping[str, Any]) -> str:

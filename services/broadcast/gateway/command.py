@@ -32,7 +32,7 @@ import trio
 import broadcast
 from broadcast.api.options import api_key_secrets, api_options, listen_address
 from broadcast.bus.base import Bus
-from broadcast.bus.memory import MemoryBus
+from broadcast.bus.memory import HISTORY_BYTES, MIN_HISTORY_BYTES, MemoryBus
 from broadcast.bus.redis_bus import RedisBus
 from broadcast.gateway.access import MESSAGE_BURST, MESSAGE_RATE_PER_SECOND, AccessPolicy
 from broadcast.gateway.budget import COMMAND_BURST, COMMAND_RATE_PER_SECOND
@@ -221,6 +221,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[_Setting]]:
            metavar="N")
     option("--history-age", HISTORY_MAX_AGE_SECONDS, "seconds a message is kept", _above_zero,
            metavar="SECONDS")
+    option("--history-bytes", HISTORY_BYTES, "bytes of history kept across all channels, "
+           "least recently used channels forgotten first (in-process bus; with Redis: its "
+           "maxmemory)", _at_least(MIN_HISTORY_BYTES, int), metavar="BYTES")
     option("--drain-timeout", DRAIN_TIMEOUT_SECONDS, "seconds to drain clients on SIGTERM",
            _at_least(0, float), metavar="SECONDS")
     option("--max-connections", MAX_CONNECTIONS, "clients at once (then server_full)",
@@ -288,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         access = make_access(args)
-        bus = make_bus(args.redis_url, args.history_length, args.history_age)
+        bus = make_bus(args.redis_url, args.history_length, args.history_age, args.history_bytes)
         check_can_listen(args.host, args.port)
         gateway = Gateway(
             bus,
@@ -413,9 +416,18 @@ def warn_if_open(host: str, access: AccessPolicy) -> None:
         )
 
 
-def make_bus(redis_url: str | None, history_length: int, history_age: float) -> Bus:
+def make_bus(
+    redis_url: str | None,
+    history_length: int,
+    history_age: float,
+    history_bytes: int = HISTORY_BYTES,
+) -> Bus:
     if not redis_url:
-        return MemoryBus(history_length=history_length, history_max_age=history_age)
+        return MemoryBus(
+            history_length=history_length,
+            history_max_age=history_age,
+            history_bytes=history_bytes,
+        )
     try:
         return RedisBus(redis_url, history_length=history_length, history_max_age=history_age)
     except ValueError as exc:  # its messages never quote the URL

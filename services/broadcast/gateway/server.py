@@ -162,6 +162,7 @@ class Gateway:
         self._stop_requested = trio.Event()
         self._stop_reason = "server shutting down"
         self._accept_warned_at = -_ACCEPT_WARNING_INTERVAL_SECONDS
+        self._listeners: list[trio.SocketListener] = []
 
     @property
     def ready(self) -> bool:
@@ -204,6 +205,7 @@ class Gateway:
         # (and before the readiness probe could say "ready" on a gateway that has no port).
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
+        self._listeners = listeners
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(_close_on_exit, listener)
@@ -244,8 +246,12 @@ class Gateway:
                 session.check_alive(now)
 
     def _begin_drain(self) -> None:
+        """Stop accepting, and close the port: a client that reconnects at once is refused
+        here (and its balancer sends it elsewhere) instead of waiting in the backlog."""
         self.draining = True
         self._accept_scope.cancel()
+        for listener in self._listeners:
+            listener.socket.close()
         log.info(
             "draining: %d clients told to reconnect elsewhere (%.0f s at most)",
             len(self._sessions), self.drain_timeout,

@@ -306,16 +306,27 @@
   // The gateway refuses a handshake with HTTP 401 (a token missing, expired or invalid) or
   // 503 (full, or not ready), but a page sees only a WebSocket that failed. If the gateway
   // answers plain HTTP meanwhile, the refusal was of this connection: an expired token is told
-  // as such (its `exp` says so), the other cases as what they may be.
+  // as such (its `exp` says so), the other cases as what they may be. A gateway that is not
+  // ready says so on /readyz, with a Retry-After the page honours (plus jitter).
   async function handshakeFailed() {
     let serverUp = false;
+    let retryAfterMs = 0;
     try {
-      const response = await fetch("/healthz", { cache: "no-store" });
+      const response = await fetch("/readyz", { cache: "no-store" });
       serverUp = response.ok;
+      if (response.status === 503) {
+        retryAfterMs = 1000 * (Number(response.headers.get("Retry-After")) || 1);
+      }
     } catch {
       serverUp = false;
     }
     if (!chat.wanted || chat.socket) return; // the user did something meanwhile
+    if (retryAfterMs) {
+      if (chat.refusals === 0) notice("the server is not ready yet; waiting as it asks", "warn");
+      chat.refusals = Math.max(chat.refusals, 1);
+      scheduleReconnect(retryAfterMs * (1 + Math.random() / 4));
+      return;
+    }
     if (serverUp && chat.token && tokenExpired(chat.token)) {
       tokenRefused("expired");
       return;
@@ -361,9 +372,9 @@
     return ceiling / 2 + Math.random() * (ceiling / 2);
   }
 
-  function scheduleReconnect() {
+  function scheduleReconnect(atLeastMs = 0) {
     clearTimers();
-    const delay = backoffDelay(chat.attempt);
+    const delay = Math.max(atLeastMs, backoffDelay(chat.attempt));
     chat.attempt += 1;
     chat.retryAt = Date.now() + delay;
     chat.retryTimer = window.setTimeout(connect, delay);

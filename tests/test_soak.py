@@ -1,24 +1,33 @@
-"""A short soak under faults (benchmarks/soak.py): gateways killed with SIGKILL, Redis subscribers
-killed, listeners resuming elsewhere with ``since``. Every acknowledged message must reach every
-listener exactly once, in order. Counts only, never speed."""
+"""A short soak under faults (``broadcast-bench soak``): gateways killed with SIGKILL, Redis
+subscribers killed, listeners resuming elsewhere with ``since``. Every acknowledged message must
+reach every listener exactly once, in order. Counts only, never speed."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.cluster
 
-SOAK = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
-
 
 def test_short_soak_loses_nothing_acknowledged() -> None:
     run = subprocess.run(
-        [sys.executable, str(SOAK), "--seconds", "10", "--clients", "8", "--rate", "20", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "broadcast.bench",
+            "soak",
+            "--seconds",
+            "10",
+            "--clients",
+            "8",
+            "--rate",
+            "20",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
@@ -84,7 +85,7 @@ class SentinelSet:
                 subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )
         for index in range(3):
-            self.wait(lambda i=index: self._knows_both(i), f"sentinel {index} did not start")
+            self.wait(partial(self._knows_both, index), f"sentinel {index} did not start")
 
     def master_port(self, index: int = 0) -> int | None:
         """The primary's port as sentinel ``index`` names it now; None if unreachable."""
@@ -153,15 +154,15 @@ class ClusterSet:
         argv += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for server in self.servers:
-            SentinelSet.wait(
-                lambda s=server: (
-                    s.client().info("cluster").get("cluster_enabled") == 1
-                    and s.client()
-                    .execute_command("CLUSTER", "INFO")
-                    .startswith(b"cluster_state:ok")
-                ),
-                "the cluster did not come up",
-            )
+            SentinelSet.wait(partial(self._cluster_ok, server), "the cluster did not come up")
+
+    @staticmethod
+    def _cluster_ok(server: RedisServer) -> bool:
+        client = server.client()
+        return bool(
+            client.info("cluster").get("cluster_enabled") == 1
+            and client.execute_command("CLUSTER", "INFO").startswith(b"cluster_state:ok")
+        )
 
     def owner(self, slot: int, ask: RedisServer | None = None) -> RedisServer:
         """The server that owns ``slot`` now, as ``ask`` (by default the first server) says."""

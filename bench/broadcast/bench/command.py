@@ -1,18 +1,27 @@
 """``broadcast-bench``: run the benchmark (``run``, the default), a rate ``--search``, an
-``idle`` memory measurement, or the CI ``smoke`` that checks the benchmark's own counting.
+``idle`` memory measurement, the CI ``smoke`` that checks the benchmark's own counting, the
+connect and kill/drain ``storm``, and the older single-purpose measurements.
 
     broadcast-bench [run] [--gateways 3 | --url ws://H:P/ ...] [--clients 1500] [--senders 3]
                     [--rate 45000] [--duration 20] [--kind ws|lines] [--search] [--json]
+                    [--baseline] [--no-announce] [--python PATH]
     broadcast-bench idle [--gateways 1] [--clients 1000] [--kind ws|lines] [--json]
     broadcast-bench smoke [--json]
+    broadcast-bench storm connect|kill|drain [--clients N] [--json] (see storm --help)
+    broadcast-bench fanout|roundtrip|soak [...] (each has its own --help)
 
 Rates are deliveries per second offered: messages per second times connected clients.
+Receiving clients join with the defaults a user gets (join notices and presence on);
+--no-announce measures the variant where they join quietly (announce=0), and says so.
+--baseline runs the same load, in the same run, against the plain websockets + redis-py server
+(broadcast.bench.baseline; pip install 'broadcast[bench]') and prints the ratios.
 See docs/benchmarks.md for the method and the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import secrets
@@ -24,8 +33,7 @@ from typing import Any
 import trio
 
 import broadcast
-from broadcast.bench.cluster import Cluster, parse_url
-from broadcast.bench.procfs import raise_file_limit
+from broadcast.bench.harness import Cluster, parse_url, raise_file_limit
 from broadcast.bench.runner import Options, Session, channel_for, sender_name_prefix
 from broadcast.bench.search import search
 from broadcast.bench.selfcheck import check_counting
@@ -33,6 +41,13 @@ from broadcast.bench.stats import format_memory, format_step, machine
 from broadcast.bench.workers import WorkerPool
 
 COMMANDS = ("run", "idle", "smoke")
+# Subcommands with their own parsers, in their own modules (imported only when used).
+TOOLS = {
+    "storm": "broadcast.bench.storm",
+    "fanout": "broadcast.bench.fanout",
+    "roundtrip": "broadcast.bench.roundtrip",
+    "soak": "broadcast.bench.soak",
+}
 # Receiving a delivery costs about as much CPU as sending it (a recv per write, measured), so by
 # default there are as many receiver processes as gateways: on a shared machine the scheduler then
 # gives both sides similar shares. At least two, so one stalled worker shows; at most four.
@@ -88,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--search", action="store_true", help="find the highest rate held")
     run.add_argument(
+        "--baseline", action="store_true",
+        help="also run the same load against the plain websockets + redis-py server",
+    )  # fmt: skip
+    run.add_argument(
         "--search-steps", type=_positive_int, default=8, help="step budget of --search"
     )
     idle = commands.add_parser("idle", help="RSS per 1,000 idle clients (and that they all work)")
@@ -115,6 +134,13 @@ def _cluster_options(parser: argparse.ArgumentParser, gateways: int) -> None:
     )  # fmt: skip
     parser.add_argument("--kind", choices=["ws", "lines"], default="ws", help="receiving clients")
     parser.add_argument(
+        "--no-announce", action="store_true",
+        help="receivers join with announce=0 (a variant: by default notices and presence are on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--python", help="the gateways' interpreter (another checkout's venv, to compare)"
+    )
+    parser.add_argument(
         "--workers",
         type=_positive_int,
         help="receiver processes (default: one per gateway, 2 to 4)",
@@ -125,6 +151,9 @@ def _cluster_options(parser: argparse.ArgumentParser, gateways: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        raise_file_limit()
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
@@ -137,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace) -> int:
     options = Options(
         kind=args.kind,
+        announce=not args.no_announce,
         clients=args.clients,
         senders=getattr(args, "senders", 1),
         rate=getattr(args, "rate", 0.0),
@@ -148,6 +178,11 @@ def measure(args: argparse.Namespace) -> int:
         with _make_cluster(args) as cluster:
             workers = args.workers or max(MIN_WORKERS, min(MAX_WORKERS, len(cluster.targets)))
             result = _run(cluster, options, workers, args.command, args)
+        if getattr(args, "baseline", False):
+            _say(args, "the same load against the baseline (websockets + redis-py):")
+            with Cluster.start(len(cluster.targets), True, module=BASELINE) as base:
+                result["baseline"] = _run(base, options, workers, args.command, args)
+            result["ratios"] = _ratios(result, result["baseline"])
     except (OSError, RuntimeError, trio.TooSlowError, ExceptionGroup) as error:
         # A cluster that cannot be reached or started is a one-line report; a bug is not.
         errors = _leaves(error) if isinstance(error, ExceptionGroup) else [error]
@@ -161,6 +196,28 @@ def measure(args: argparse.Namespace) -> int:
 
 
 _EXPECTED = (OSError, RuntimeError, trio.TooSlowError)
+BASELINE = "broadcast.bench.baseline"
+# Figures compared with the baseline, per measured step: ours / baseline.
+RATIO_KEYS = ("server_cpu_s_per_million", "deliveries_per_s")
+
+
+def _ratios(ours: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, float | None]]:
+    ratios = []
+    for mine, theirs in zip(ours.get("steps", []), baseline.get("steps", []), strict=False):
+        ratios.append(
+            {
+                key: round(mine[key] / theirs[key], 2)
+                if mine.get(key) and theirs.get(key)
+                else None
+                for key in RATIO_KEYS
+            }
+        )
+    return ratios
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -179,18 +236,19 @@ def _make_cluster(args: argparse.Namespace) -> Cluster:
         if args.pid:
             targets = [replace(t, pid=pid) for t, pid in zip(targets, args.pid, strict=True)]
         return Cluster(targets)
-    return Cluster.start(args.gateways, args.redis)
+    return Cluster.start(args.gateways, args.redis, python=args.python)
 
 
 def _run(
     cluster: Cluster, options: Options, workers: int, mode: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     token = f"{os.getpid()}{secrets.token_hex(2)}"
-    session_pool = WorkerPool(
+    session_pool = WorkerPool.receivers(
         min(workers, max(1, options.clients)),
         options.kind,
         channel_for(options.kind, token),
         sender_name_prefix(token).encode(),
+        options.announce,
     )
     try:
         result = trio.run(_session, cluster, options, session_pool, token, mode, args)
@@ -216,6 +274,9 @@ async def _session(
             "gateways": len(cluster.targets),
             "redis": cluster.redis is not None or None,
             "kind": options.kind,
+            "receivers_join": "defaults (notices and presence on)"
+            if options.announce
+            else "variant: announce=0",
             "clients": options.clients,
             "senders": options.senders,
             "rate": options.rate,
@@ -291,6 +352,11 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
         print(
             f"search: best rate held {found['best_held_deliveries_per_s']} deliveries/s; "
             f"lowest failed {found['lowest_failed_deliveries_per_s']}"
+        )
+    for ratio in result.get("ratios", []):
+        print(
+            "ours / baseline: CPU per million deliveries "
+            f"{ratio['server_cpu_s_per_million']}, deliveries/s {ratio['deliveries_per_s']}"
         )
     if "ok" in result:
         print("smoke: counting OK" if result["ok"] else "smoke: FAILED " + str(result["problems"]))

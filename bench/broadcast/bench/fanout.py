@@ -1,6 +1,6 @@
 """Fan-out cost of one gateway: server CPU per delivery, with N listening clients.
 
-    python benchmarks/fanout.py --clients 1000 --messages 200 [--kind ws|lines] [--redis-url URL]
+    broadcast-bench fanout --clients 1000 --messages 200 [--kind ws|lines] [--redis]
 
 Starts a real gateway process, connects N raw listeners (cheap readers that only count bytes, so
 the load generator is not the bottleneck), publishes M messages from one WebSocket sender and
@@ -14,22 +14,14 @@ import argparse
 import base64
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import trio
+from trio_websocket import open_websocket_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.gateway_process import GatewayProcess
-from tests.support.redis_server import RedisServer
+from broadcast.bench.harness import GatewayProcess, RedisServer, cpu_seconds
 
 TEXT = "x" * 100
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def open_listener(port: int, kind: str) -> trio.SocketStream:
@@ -62,8 +54,6 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, float]
     streams = [await open_listener(port, args.kind) for _ in range(args.clients)]
     async with await trio.open_tcp_stream("127.0.0.1", port) as _:
         pass
-    from trio_websocket import open_websocket_url
-
     done: list[float] = []
     async with open_websocket_url(f"ws://127.0.0.1:{port}/?name=sender") as sender:
         await sender.get_message()
@@ -87,13 +77,15 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, float]
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="broadcast-bench fanout", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--kind", choices=["ws", "lines"], default="ws")
     parser.add_argument("--redis", action="store_true", help="start a private redis-server")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     redis = RedisServer() if args.redis else None
     if redis:
         redis.start()
@@ -105,7 +97,4 @@ def main() -> None:
         gateway.kill()
         if redis:
             redis.close()
-
-
-if __name__ == "__main__":
-    main()
+    return 0

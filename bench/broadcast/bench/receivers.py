@@ -31,8 +31,8 @@ from typing import Any
 import trio
 
 from broadcast.bench import wire
+from broadcast.bench.harness import raise_file_limit
 from broadcast.bench.histogram import Histogram
-from broadcast.bench.procfs import raise_file_limit
 
 # Handshakes in flight per worker: enough to open thousands of clients in seconds without
 # flooding the gateway's accept queue (its sniffing and handshake are the slow part).
@@ -75,6 +75,7 @@ class WorkerSpec:
     kind: str  # "ws" or "lines"
     channel: str
     sender_prefix: bytes  # line clients see "name: text"; only our senders' names count
+    announce: bool = True  # join notices and presence on, as for a user; False: announce=0
 
 
 @dataclass
@@ -275,7 +276,8 @@ class ReceiverWorker:
             host, port = receiver.address
             if self.spec.kind == "ws":
                 query = {"name": f"r{receiver.client_id}", "channel": self.spec.channel}
-                query["announce"] = "0"  # no join storm: C clients would cause C² notices
+                if not self.spec.announce:
+                    query["announce"] = "0"  # the variant without join notices and presence
                 sock.sendall(wire.upgrade_request(host, port, query))
                 rest = await _read_head(sock)
             else:

@@ -1,7 +1,7 @@
 """Round trip through RedisBus: publish from K concurrent publishers, receive via subscribe.
 
-    python benchmarks/redis_roundtrip.py [--messages 100000] [--publishers 64] [--rate 0]
-                                         [--channels 1] [--runs 3] [--url redis://127.0.0.1:6379/0]
+    broadcast-bench roundtrip [--messages 100000] [--publishers 64] [--rate 0]
+                              [--channels 1] [--runs 3] [--url redis://127.0.0.1:6379/0]
 
 Without --url it starts its own redis-server on a free port. Each publisher awaits each publish,
 as a client session does. Prints msgs/s, publish-to-delivery latency (p50/p99), this process's
@@ -17,17 +17,12 @@ figures are noisy on a VM, CPU per message is the number to trust.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.redis_server import RedisServer
-
+from broadcast.bench.harness import RedisServer, cpu_seconds
 from broadcast.bus.base import Delivery
 from broadcast.bus.redis_bus import RedisBus
 from broadcast.protocol.envelope import message_body
@@ -35,11 +30,6 @@ from broadcast.protocol.envelope import message_body
 CHANNEL = "bench"
 TEXT_MARK = b'"text":"'
 PAD = "x" * 60  # with the other fields, a message of about 200 bytes, like a short chat line
-
-
-def process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Receiver:
@@ -107,7 +97,7 @@ async def one_run(
     }
 
 
-async def main(args: argparse.Namespace) -> None:
+async def measure(args: argparse.Namespace) -> None:
     server = None
     url = args.url
     if url is None:
@@ -127,10 +117,10 @@ async def main(args: argparse.Namespace) -> None:
         await one_run(url, warm_up, args.publishers, args.rate, args.channels)
         results = []
         for _ in range(args.runs):
-            redis_cpu = process_cpu_seconds(server.process.pid) if server and server.process else 0
+            redis_cpu = cpu_seconds(server.process.pid) if server and server.process else 0
             result = await one_run(url, messages, args.publishers, args.rate, args.channels)
             if server and server.process:
-                redis_cpu = process_cpu_seconds(server.process.pid) - redis_cpu
+                redis_cpu = cpu_seconds(server.process.pid) - redis_cpu
                 result["redis_cpu_us_per_msg"] = redis_cpu / messages * 1e6
             results.append(result)
             print("  " + "  ".join(f"{key} {value:,.1f}" for key, value in result.items()))
@@ -141,12 +131,15 @@ async def main(args: argparse.Namespace) -> None:
             server.close()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="broadcast-bench roundtrip", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--publishers", type=int, default=64)
     parser.add_argument("--rate", type=float, default=0.0, help="total msgs/s; 0 = unpaced")
     parser.add_argument("--channels", type=int, default=1, help="spread over this many channels")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--url", help="an existing Redis; by default a private redis-server")
-    trio.run(main, parser.parse_args())
+    trio.run(measure, parser.parse_args(argv))
+    return 0

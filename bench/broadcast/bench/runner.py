@@ -15,8 +15,7 @@ from typing import Any
 
 import trio
 
-from broadcast.bench.cluster import Cluster
-from broadcast.bench.procfs import cpu_seconds, cpu_times, rss_bytes
+from broadcast.bench.harness import Cluster, cpu_seconds, cpu_times, rss_bytes
 from broadcast.bench.senders import Sender, SendResult
 from broadcast.bench.stats import MIB, step_result
 from broadcast.bench.workers import WorkerPool
@@ -55,6 +54,7 @@ class Options:
     """What to offer: the shape of the load, the same for every step of a session."""
 
     kind: str = "ws"
+    announce: bool = True  # receivers join as a user does; False: announce=0 (a variant)
     clients: int = 1500
     senders: int = 3
     rate: float = 45_000.0  # deliveries/s offered: messages/s times receivers

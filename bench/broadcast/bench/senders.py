@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from broadcast.bench import wire
-from broadcast.bench.cluster import Target
+from broadcast.bench.harness import Target
 from broadcast.bench.histogram import Histogram
 
 # Publishes in flight per sender. The gateway handles one client's publishes one after another

@@ -1,6 +1,6 @@
 """Soak under faults: a cluster keeps every acknowledged message, once, in order, for everyone.
 
-    python benchmarks/soak.py --seconds 60 [--gateways 3] [--clients 30] [--rate 50] [--json]
+    broadcast-bench soak --seconds 60 [--gateways 3] [--clients 30] [--rate 50] [--json]
 
 Starts a private redis-server and N gateway processes, connects C listening clients (spread over
 the gateways) and one sender per gateway publishing numbered messages, then injects faults on a
@@ -15,22 +15,19 @@ lost, duplicated or reordered.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlencode
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from broadcast.bench.harness import GatewayProcess, RedisServer, rss_bytes
 from broadcast.protocol.envelope import parse_id
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.gateway_process import GatewayProcess
-from tests.support.redis_server import RedisServer
 
 RECONNECT_DELAY = 0.05  # listeners come back at once; backoff is the CLI's business
 
@@ -51,13 +48,6 @@ class Cluster:
 
     def urls(self) -> list[str]:
         return [g.url for g in self.gateways if g.process.poll() is None]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def listen(cluster: Cluster, listener: Listener, start: int, stop: trio.Event) -> None:
@@ -119,8 +109,8 @@ async def inject_faults(cluster: Cluster, seconds: float, log: list[str]) -> Non
             log.append(f"SIGKILL {victim.node_id}")
             index = cluster.gateways.index(victim)
             replacement = await trio.to_thread.run_sync(
-                lambda v=victim: GatewayProcess(
-                    redis_url=cluster.redis.url, node_id=v.node_id + "+"
+                functools.partial(
+                    GatewayProcess, redis_url=cluster.redis.url, node_id=victim.node_id + "+"
                 )
             )
             cluster.gateways[index] = replacement
@@ -149,7 +139,9 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> dict[str, object]:
                 peak_rss = max(
                     peak_rss,
                     sum(
-                        rss_kib(g.process.pid) for g in cluster.gateways if g.process.poll() is None
+                        rss_bytes(g.process.pid) // 1024
+                        for g in cluster.gateways
+                        if g.process.poll() is None
                     ),
                 )
                 if not args.json:
@@ -183,14 +175,16 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> dict[str, object]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="broadcast-bench soak", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--gateways", type=int, default=3)
     parser.add_argument("--clients", type=int, default=30)
     parser.add_argument("--rate", type=float, default=50, help="messages/s per sender")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     redis = RedisServer()
     redis.start()
     cluster = Cluster(redis, [])
@@ -212,7 +206,3 @@ def main() -> int:
         result["duplicates"] or result["order_violations"]
     )
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,12 +17,14 @@ import base64
 import os
 from urllib.parse import urlencode
 
+from broadcast.protocol import ids
+
 TEXT = 0x81
 CLOSE = 0x88
 PING = 0x89
 PONG = 0x8A
 
-MESSAGE_PREFIX = b'{"type":"message","id":"'
+MESSAGE_PREFIX = ids.MESSAGE_PREFIX  # defined once, in protocol/ids.py
 TEXT_FIELD = b'"text":"'
 ACK_PREFIX = b'{"type":"ack"'
 ERROR_PREFIX = b'{"type":"error"'

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,22 +21,33 @@ STOP_SECONDS = 10.0
 
 
 class WorkerPool:
-    def __init__(self, count: int, kind: str, channel: str, sender_prefix: bytes) -> None:
+    """Worker processes, one per spec, each running ``target(spec, pipe)``."""
+
+    def __init__(self, specs: Sequence[Any], target: Callable[[Any, Connection], None]) -> None:
         context = multiprocessing.get_context("spawn")
         self._lock = trio.Lock()  # one request/reply exchange on the pipes at a time
         self._connections: list[Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
-        for index in range(count):
+        for index, spec in enumerate(specs):
             parent_end, child_end = context.Pipe()
-            spec = WorkerSpec(index, kind, channel, sender_prefix)
             process = context.Process(
-                target=worker_main, args=(spec, child_end), name=f"bench-receivers-{index}"
+                target=target, args=(spec, child_end), name=f"bench-worker-{index}"
             )
             process.daemon = True  # never outlives the benchmark, even when it crashes
             process.start()
             child_end.close()
             self._connections.append(parent_end)
             self._processes.append(process)
+
+    @classmethod
+    def receivers(
+        cls, count: int, kind: str, channel: str, sender_prefix: bytes, announce: bool = True
+    ) -> WorkerPool:
+        """``count`` receiver workers (receivers.py) for one benchmark session."""
+        specs = [
+            WorkerSpec(index, kind, channel, sender_prefix, announce) for index in range(count)
+        ]
+        return cls(specs, worker_main)
 
     @property
     def size(self) -> int:
@@ -62,7 +74,7 @@ class WorkerPool:
                     except EOFError:
                         message = f"{process.name} died (exit code {process.exitcode})"
                         raise RuntimeError(message) from None
-                return replies
+        return replies
 
     async def call_all(self, *command: Any) -> list[dict[str, Any]]:
         return await self.call_each([command] * self.size)

@@ -269,7 +269,9 @@ class ClientSession:
         self._held_dropped = False
         asked = recovery is not None
         count, complete, epoch, reset = 0, True, "", False
-        newest = (-1, -1)
+        # The client has everything up to ``since``: a live message it already saw (one in
+        # flight to this gateway while the client reconnected) must not come again.
+        newest = parse_id(recovery.since) if recovery is not None and recovery.since else (-1, -1)
         rounds = 0
         while recovery is not None:
             try:
@@ -279,6 +281,8 @@ class ClientSession:
                 break
             if rounds == 0:
                 complete, epoch, reset = replay.complete, replay.epoch, replay.reset
+                if reset:  # the client's ids belong to another history: they say nothing here
+                    newest = (-1, -1)
             rounds += 1
             count += replay.count
             if replay.count:

@@ -20,13 +20,17 @@ from broadcast.api import ApiCollector, ApiKeys, MemoryIdempotency
 from broadcast.api.cluster import CONTROL_CHANNEL
 from broadcast.api.http import MAX_BODY_BYTES
 from broadcast.api.idempotency import IdempotencyPending
+from broadcast.api.limits import MAX_TRACKED_ADDRESSES, ApiLimits, ApiRates, peer_address
 from broadcast.api.openapi import openapi_document
 from broadcast.api.options import parse_listen
 from broadcast.protocol.errors import CloseCode
 from broadcast.protocol.http_request import RequestHeadParser
+from broadcast.security import PrefixedStream
 from tests.test_api_support import (
     KEY,
     WAIT_SECONDS,
+    Answer,
+    Served,
     api,
     call,
     parse_answer,
@@ -280,6 +284,15 @@ async def test_memory_idempotency_expires_and_releases(
         nursery.cancel_scope.cancel()
 
 
+async def test_memory_idempotency_keeps_a_bounded_number_of_keys() -> None:
+    store = MemoryIdempotency(max_keys=3)
+    for key in "abcd":
+        assert await store.claim(key) is None
+        await store.complete(key, f"{key}-id")
+    assert [await store.claim(key) for key in "bcd"] == ["b-id", "c-id", "d-id"]
+    assert await store.claim("a") is None  # the oldest was forgotten: a new publish
+
+
 def test_keys_load_from_flags_files_and_environment(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text("# ops\nfile-key-0123456789abc\n\n")
@@ -338,3 +351,91 @@ async def test_expect_100_continue_gets_its_interim_answer() -> None:
                 while chunk := await stream.receive_some(65536):
                     received += chunk
         assert parse_answer(received).status == 200
+
+
+OTHER_KEY = "other-key-0123456789abcdef"
+
+
+async def respond_from(served: Served, address: str, key: str | None = KEY) -> Answer:
+    """One request answered as if it came from ``address``."""
+    head = RequestHeadParser().feed(request_bytes("GET", "/api/info", key=key))
+    assert head is not None
+    stream, _ = trio.testing.memory_stream_pair()
+    return parse_answer(await served.api.respond(head, stream, address=address))
+
+
+async def test_a_key_over_its_rate_gets_429_with_retry_after(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    rates = ApiRates(per_key_per_second=2, per_key_burst=3)
+    async with serve_api(keys=(KEY, OTHER_KEY), rates=rates) as served:
+        for _ in range(3):
+            assert (await api(served.port, "GET", "/api/info")).status == 200
+        limited = await api(served.port, "GET", "/api/info")
+        assert (limited.status, limited.code) == (429, "rate_limited")
+        assert limited.headers[b"retry-after"] == b"1"  # 0.5 s, rounded up to whole seconds
+        assert limited.json()["error"]["retry_after"] == 0.5
+        # Each key has its own bucket.
+        assert (await api(served.port, "GET", "/api/info", key=OTHER_KEY)).status == 200
+        mock_clock.jump(0.5)
+        assert (await api(served.port, "GET", "/api/info")).status == 200
+        assert (await api(served.port, "GET", "/api/info")).status == 429
+        assert served.api.requests["/api/info", 429] == 2
+
+
+async def test_wrong_keys_lock_an_address_out_before_its_key_is_checked(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    rates = ApiRates(failed_per_second=1, failed_burst=2)
+    async with serve_api(rates=rates) as served:
+        wrong = "wrong-key-0123456789"
+        for key in (wrong, None):  # a wrong key and no key count alike
+            answer = await api(served.port, "POST", "/api/publish", {"channel": "a", "text": "b"},
+                               key=key)  # fmt: skip
+            assert answer.status == 401
+        for key in (wrong, KEY):  # now even the right key is not looked at
+            answer = await api(served.port, "GET", "/api/info", key=key)
+            assert (answer.status, answer.code) == (429, "rate_limited")
+            assert answer.headers[b"retry-after"] == b"1"
+            assert answer.json()["error"]["retry_after"] == 1.0
+        # Other addresses are not affected; an IPv6 /64 counts as one address.
+        assert (await respond_from(served, "192.0.2.7")).status == 200
+        for address in ("2001:db8::1", "2001:db8::2"):
+            assert (await respond_from(served, address, key=None)).status == 401
+        assert (await respond_from(served, "2001:db8::3")).status == 429
+        assert (await respond_from(served, "2001:db8:0:1::3")).status == 200
+        # The contract stays readable without a key.
+        assert (await api(served.port, "GET", "/api/openapi.json", key=None)).status == 200
+        mock_clock.jump(1)
+        assert (await api(served.port, "GET", "/api/info")).status == 200
+        assert (await api(served.port, "GET", "/api/info", key=wrong)).status == 401
+        assert (await api(served.port, "GET", "/api/info", key=wrong)).status == 429
+
+
+async def test_rate_limits_can_be_off(mock_clock: trio.testing.MockClock) -> None:
+    rates = ApiRates(per_key_per_second=0, failed_per_second=0)
+    async with serve_api(rates=rates) as served:
+        for _ in range(30):
+            assert (await respond_from(served, "192.0.2.1", key=None)).status == 401
+            assert (await respond_from(served, "192.0.2.1")).status == 200
+        assert served.api.limits.tracked_addresses() == 0
+
+
+def test_tracked_addresses_are_bounded() -> None:
+    limits = ApiLimits(ApiRates(), clock=lambda: 0.0)
+    for n in range(MAX_TRACKED_ADDRESSES + 10):
+        limits.failed(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+    assert limits.tracked_addresses() == MAX_TRACKED_ADDRESSES
+    # The oldest was forgotten: its allowance is full again.
+    assert limits.failed_wait("10.0.0.0") == 0
+
+
+async def test_peer_address_looks_through_tls_wrappers() -> None:
+    async with serve_api() as served:
+        with trio.fail_after(WAIT_SECONDS):
+            client = await trio.open_tcp_stream("127.0.0.1", served.port)
+        async with client:
+            assert peer_address(client) == "127.0.0.1"
+            assert peer_address(PrefixedStream(b"", client)) == "127.0.0.1"
+    stream, _ = trio.testing.memory_stream_pair()
+    assert peer_address(stream) == "unknown"

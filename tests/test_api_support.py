@@ -26,6 +26,7 @@ import trio
 
 from broadcast.api import ApiKeys, ServerApi, serve_api_listener
 from broadcast.api.idempotency import IdempotencyStore
+from broadcast.api.limits import ApiRates
 from broadcast.bus.base import Bus
 from broadcast.bus.memory import MemoryBus
 from broadcast.gateway.hub import ChannelHub
@@ -79,9 +80,10 @@ async def serve_api(
     keys: tuple[str, ...] = (KEY,),
     idempotency: IdempotencyStore | None = None,
     node_id: str = "api-test",
+    rates: ApiRates | None = None,
 ) -> AsyncIterator[Served]:
     host = TestHost(node_id, bus or MemoryBus(), presence or MemoryPresence())
-    api = ServerApi(host, ApiKeys(keys), idempotency=idempotency)
+    api = ServerApi(host, ApiKeys(keys), idempotency=idempotency, rates=rates)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.bus.run, host.hub.deliver)
         await nursery.start(host.presence.run)

@@ -7,6 +7,7 @@ from broadcast.api.idempotency import (
     RedisIdempotency,
 )
 from broadcast.api.keys import ApiKeys
+from broadcast.api.limits import ApiRates
 from broadcast.api.listener import serve_api_listener
 from broadcast.api.metrics import ApiCollector
 from broadcast.api.options import ApiOptions
@@ -17,6 +18,7 @@ __all__ = [
     "ApiHost",
     "ApiKeys",
     "ApiOptions",
+    "ApiRates",
     "IdempotencyStore",
     "MemoryIdempotency",
     "RedisIdempotency",

@@ -4,6 +4,7 @@ request body read from the stream."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,12 +41,23 @@ Headers = Sequence[tuple[bytes, bytes]]
 class ApiRefusal(Exception):
     """A request the API answers with an error document."""
 
-    def __init__(self, status: int, code: ErrorCode, message: str, headers: Headers = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        headers: Headers = (),
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+        self.retry_after = retry_after
+        """Seconds to wait before retrying: ``Retry-After`` (whole seconds) and, exact, the
+        error's ``retry_after`` (as in the WebSocket protocol's ``error`` event)."""
 
 
 def encode_json(document: Any) -> bytes:
@@ -68,8 +80,14 @@ def json_response(status: int, document: Any, headers: Headers = ()) -> bytes:
 
 
 def error_response(refusal: ApiRefusal) -> bytes:
-    error = {"code": str(refusal.code), "message": refusal.message}
-    return json_response(refusal.status, {"error": error}, refusal.headers)
+    error: dict[str, Any] = {"code": str(refusal.code), "message": refusal.message}
+    headers = [*refusal.headers]
+    if refusal.retry_after is not None:
+        wait = max(refusal.retry_after, 0.001)  # a real positive time, never 0
+        error["retry_after"] = round(wait, 3)
+        # Whole seconds, rounded up, at least 1.
+        headers.append((b"Retry-After", b"%d" % max(1, math.ceil(wait))))
+    return json_response(refusal.status, {"error": error}, headers)
 
 
 def body_length(request: HttpRequest) -> int:

@@ -34,6 +34,10 @@ POLL_SECONDS = 0.05
 # claim and answer blocks retries with this key for this long, not for the whole window.
 CLAIM_SECONDS = 30.0
 KEY_PREFIX = "broadcast:idempotency:"
+# Keys one gateway keeps in memory at most (about 200 bytes each); past it the oldest is
+# forgotten early. WebSocket clients make keys too, each at most at its publish rate: this bounds
+# what they can make a gateway hold for the window, whatever their number.
+MAX_MEMORY_KEYS = 500_000
 
 
 class IdempotencyPending(Exception):
@@ -71,8 +75,9 @@ class MemoryIdempotency:
     """Keys in a dict ordered by expiry (one window for all, so insertion order is expiry
     order): dropping the expired costs nothing per request beyond those dropped."""
 
-    def __init__(self, window: float = WINDOW_SECONDS) -> None:
+    def __init__(self, window: float = WINDOW_SECONDS, max_keys: int = MAX_MEMORY_KEYS) -> None:
         self._window = window
+        self._max_keys = max_keys
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -98,6 +103,9 @@ class MemoryIdempotency:
             entry = self._entries.get(key)
             if entry is None:
                 self._entries[key] = _Entry(now + self._window)
+                if len(self._entries) > self._max_keys:
+                    _, oldest = self._entries.popitem(last=False)
+                    oldest.settled.set()
                 return None
             if entry.answer is not None:
                 return entry.answer

@@ -55,17 +55,22 @@ class ApiKeys:
         return [k.decode() for k in self._keys]
 
     def allows(self, request: HttpRequest) -> bool:
-        """True when ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` names a key.
+        """True when ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` names a key."""
+        return self.match(request) is not None
+
+    def match(self, request: HttpRequest) -> int | None:
+        """The number of the key the request names (for its rate limit), or None.
 
         Every configured key is compared, whatever matches first, so the time taken does not
         tell which key (or how much of one) was right.
         """
         presented = _presented_key(request)
         if presented is None:
-            return False
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
+            return None
+        matched = None
+        for number, key in enumerate(self._keys):
+            if hmac.compare_digest(presented, key):
+                matched = number
         return matched
 
     def __repr__(self) -> str:

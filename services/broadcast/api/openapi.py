@@ -52,21 +52,35 @@ def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     }
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {
+def _error(description: str, *, retry: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
+    if retry:
+        response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
+    return response
 
 
 _ERRORS = {
     400: _error("Invalid input (`bad_json`, `bad_command`, `bad_channel`, `bad_text`, ...)."),
     401: _error("No API key, or a wrong one (`unauthorized`)."),
-    409: _error("A request with this idempotency_key is still running (`idempotency_pending`)."),
+    409: _error(
+        "A request with this idempotency_key is still running (`idempotency_pending`).",
+        retry=True,
+    ),
     411: _error("No Content-Length, or a chunked body (`length_required`)."),
     413: _error("The body is over 64 KiB (`payload_too_large`), refused unread."),
     415: _error("The body is not `application/json` (`unsupported_media_type`)."),
-    503: _error("The bus (Redis) is unavailable (`bus_unavailable`); retry after Retry-After."),
+    429: _error(
+        "Too many requests (`rate_limited`): this key is over its rate, or this address sent "
+        "too many requests without a valid key (refused before the key is checked).",
+        retry=True,
+    ),
+    503: _error(
+        "The bus (Redis) is unavailable (`bus_unavailable`); retry after Retry-After.",
+        retry=True,
+    ),
 }
 
 
@@ -107,7 +121,7 @@ def _query(name: str, schema: dict[str, Any], required: bool, description: str) 
     }
 
 
-_POST_ERRORS = [400, 401, 411, 413, 415, 503]
+_POST_ERRORS = [400, 401, 411, 413, 415, 429, 503]
 
 
 def openapi_document() -> dict[str, Any]:
@@ -189,7 +203,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     ["channel", "messages", "complete"],
                 ),
-                [400, 401, 503],
+                [400, 401, 429, 503],
                 parameters=[
                     _query("channel", _CHANNEL, True, "The channel."),
                     _query("since", _MESSAGE_ID, False, "Only messages after this id."),
@@ -212,7 +226,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     ["channel", "members"],
                 ),
-                [400, 401, 503],
+                [400, 401, 429, 503],
                 parameters=[_query("channel", _CHANNEL, True, "The channel.")],
             )
         },
@@ -228,7 +242,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     ["channels"],
                 ),
-                [400, 401, 503],
+                [400, 401, 429, 503],
             )
         },
         "/api/info": {
@@ -253,7 +267,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     ["version", "node", "connections", "gateways"],
                 ),
-                [400, 401],
+                [400, 401, 429],
             )
         },
         "/api/disconnect": {
@@ -294,6 +308,12 @@ def openapi_document() -> dict[str, Any]:
                     "X-API-Key: KEY works too.",
                 }
             },
+            "headers": {
+                "RetryAfter": {
+                    "description": "Whole seconds to wait before retrying (at least 1).",
+                    "schema": {"type": "integer", "minimum": 1},
+                }
+            },
             "schemas": {
                 "Error": _object(
                     {
@@ -301,6 +321,12 @@ def openapi_document() -> dict[str, Any]:
                             {
                                 "code": {"type": "string", "enum": [str(c) for c in ErrorCode]},
                                 "message": {"type": "string"},
+                                "retry_after": {
+                                    "type": "number",
+                                    "exclusiveMinimum": 0,
+                                    "description": "Seconds to wait before retrying (429, "
+                                    "409, 503); Retry-After is the same, rounded up.",
+                                },
                             },
                             ["code", "message"],
                         )

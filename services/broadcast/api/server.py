@@ -30,6 +30,7 @@ from broadcast.api.http import (
 )
 from broadcast.api.idempotency import IdempotencyPending, IdempotencyStore, MemoryIdempotency
 from broadcast.api.keys import ApiKeys
+from broadcast.api.limits import ApiLimits, ApiRates, peer_address
 from broadcast.api.openapi import openapi_document
 from broadcast.bus.base import BusUnavailable
 from broadcast.protocol.envelope import decode, message_body
@@ -65,10 +66,12 @@ class ServerApi:
         keys: ApiKeys,
         *,
         idempotency: IdempotencyStore | None = None,
+        rates: ApiRates | None = None,
     ) -> None:
         self._host = host
         self._keys = keys
         self._idempotency = idempotency or MemoryIdempotency()
+        self.limits = ApiLimits(rates or ApiRates())
         self.cluster = ClusterControl(host, VERSION)
         self.requests: Counter[tuple[str, int]] = Counter()
         """Requests answered, by (route, status): for the ``broadcast_api_requests`` metric."""
@@ -99,11 +102,17 @@ class ServerApi:
             task_status.started()
 
     async def respond(
-        self, request: HttpRequest, stream: trio.abc.Stream, *, public: bool = True
+        self,
+        request: HttpRequest,
+        stream: trio.abc.Stream,
+        *,
+        public: bool = True,
+        address: str | None = None,
     ) -> bytes:
         """The complete response to one ``/api/`` request (the body is read from ``stream``).
 
         ``public`` is True on the clients' port (the gateway's call), False on ``--api-listen``.
+        ``address`` is the client's, for the wrong-key limit (default: the stream's peer).
         """
         path, _, query = request.target.partition(b"?")
         route = path.decode("latin-1")
@@ -112,12 +121,15 @@ class ServerApi:
         try:
             if public and not self.public:
                 raise ApiRefusal(404, ErrorCode.NOT_FOUND, "the server API is not on this port")
-            status, document = 200, await self._dispatch(request, route, query, stream)
+            client = address if address is not None else peer_address(stream)
+            status, document = 200, await self._dispatch(request, route, query, stream, client)
             answer = json_response(200, document)
         except ApiRefusal as refusal:
             status, answer = refusal.status, error_response(refusal)
             if refusal.status != 404 or self.enabled:
-                log.info("api %s %s refused: %d %s", method, label, status, refusal.code)
+                # 429s come in floods: /metrics counts them, the log has them at debug level.
+                level = logging.DEBUG if status == 429 else logging.INFO
+                log.log(level, "api %s %s refused: %d %s", method, label, status, refusal.code)
         except Exception:  # a bug: the client still gets JSON, the log the traceback
             log.exception("api %s %s failed", method, label)
             status = 500
@@ -127,7 +139,12 @@ class ServerApi:
         return answer
 
     async def _dispatch(
-        self, request: HttpRequest, route: str, query: bytes, stream: trio.abc.Stream
+        self,
+        request: HttpRequest,
+        route: str,
+        query: bytes,
+        stream: trio.abc.Stream,
+        address: str,
     ) -> Any:
         if not self.enabled:
             raise ApiRefusal(404, ErrorCode.NOT_FOUND, "the server API is off on this gateway")
@@ -135,13 +152,8 @@ class ServerApi:
         if entry is None:
             raise ApiRefusal(404, ErrorCode.NOT_FOUND, f"no API route {route[:100]!r}")
         method, handler = entry
-        if route != "/api/openapi.json" and not self._keys.allows(request):
-            raise ApiRefusal(
-                401,
-                ErrorCode.UNAUTHORIZED,
-                "send a valid key: Authorization: Bearer KEY",
-                [(b"WWW-Authenticate", b'Bearer realm="broadcast-api"')],
-            )
+        if route != "/api/openapi.json":
+            self._authenticate(request, address)
         if request.method != method:
             raise ApiRefusal(
                 405,
@@ -163,15 +175,42 @@ class ServerApi:
                 503,
                 ErrorCode.BUS_UNAVAILABLE,
                 "the bus is unavailable; retry (with the same idempotency_key)",
-                [(b"Retry-After", b"%d" % RETRY_AFTER_SECONDS)],
+                retry_after=RETRY_AFTER_SECONDS,
             ) from None
         except IdempotencyPending:
             raise ApiRefusal(
                 409,
                 ErrorCode.IDEMPOTENCY_PENDING,
                 "a request with this idempotency_key is still running; retry",
-                [(b"Retry-After", b"%d" % RETRY_AFTER_SECONDS)],
+                retry_after=RETRY_AFTER_SECONDS,
             ) from None
+
+    def _authenticate(self, request: HttpRequest, address: str) -> None:
+        """A valid key within its rate, or ApiRefusal: 429 for an address that sent too many
+        wrong keys (before its key is looked at) or a key over its rate, 401 for a wrong key."""
+        if (wait := self.limits.failed_wait(address)) > 0:
+            raise ApiRefusal(
+                429,
+                ErrorCode.RATE_LIMITED,
+                f"too many requests without a valid key from your address; retry in {wait:.2f} s",
+                retry_after=wait,
+            )
+        key = self._keys.match(request)
+        if key is None:
+            self.limits.failed(address)
+            raise ApiRefusal(
+                401,
+                ErrorCode.UNAUTHORIZED,
+                "send a valid key: Authorization: Bearer KEY",
+                [(b"WWW-Authenticate", b'Bearer realm="broadcast-api"')],
+            )
+        if (wait := self.limits.key_wait(key)) > 0:
+            raise ApiRefusal(
+                429,
+                ErrorCode.RATE_LIMITED,
+                f"too many requests with this key; retry in {wait:.2f} s",
+                retry_after=wait,
+            )
 
     # -- routes ----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import NamedTuple, Protocol
 import trio
 
 from broadcast.protocol.limits import RECOVERY_LIMIT
-from broadcast.redis.errors import Unavailable
+from broadcast.redis.errors import StorageFull, Unavailable
 
 
 class Delivery(NamedTuple):
@@ -24,7 +24,10 @@ DeliverBatch = Callable[[list[Delivery]], None]
 
 BusUnavailable = Unavailable
 """The bus (or presence) cannot take a publish or answer a read right now (Redis down, or no
-answer in time). One class with ``broadcast.redis.errors.Unavailable``."""
+answer in time). One class with ``broadcast.redis.errors.Unavailable``. Its subclass
+``StorageFull`` says the store is out of memory (Redis ``OOM``): nothing was stored."""
+
+__all__ = ["Bus", "BusUnavailable", "DeliverBatch", "Delivery", "History", "StorageFull"]
 
 
 class History(NamedTuple):
@@ -76,6 +79,24 @@ class Bus(Protocol):
 
     async def publish_event(self, channel: str, payload: bytes) -> None:
         """Publish a complete JSON event (join, leave) that gets no id and no history."""
+        ...
+
+    async def probe(self, channel: str, payload: bytes) -> None:
+        """Publish ``payload`` as ``publish_event`` does, after a write to the store on the
+        channel's shard (RedisBus: a key that expires at once), so that it raises BusUnavailable
+        whenever the store refuses writes (Redis at ``maxmemory``) and messages would be refused
+        too. The readiness probe's message (gateway/readiness.py)."""
+        ...
+
+    def probe_channels(self, base: str) -> list[str]:
+        """Channel names made from ``base`` whose probes together cross every connection that
+        delivers: ``[base]`` on one Redis or in process; on Redis Cluster one per primary."""
+        ...
+
+    @property
+    def refused_writes(self) -> int:
+        """Messages refused so far because the store is full (Redis ``OOM``): readiness is lost
+        while this grows, even when a probe's write happens to get through."""
         ...
 
     async def history(

@@ -28,6 +28,10 @@ class Keys:
         """The channel's epoch (docs/reliability.md, "Epochs")."""
         return self._name("epoch", channel)
 
+    def probe(self, channel: str) -> str:
+        """The readiness probe's short-lived key (on the channel's slot)."""
+        return self._name("probe", channel)
+
     def channel(self, channel: str) -> str:
         """The pub/sub channel (a shard channel on Redis Cluster)."""
         return self._name("channel", channel)

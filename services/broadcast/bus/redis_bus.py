@@ -141,6 +141,16 @@ class RedisBus:
     async def publish_event(self, channel: str, payload: bytes) -> None:
         await self._publisher.publish_event(channel, payload)
 
+    async def probe(self, channel: str, payload: bytes) -> None:
+        await self._publisher.probe(channel, payload)
+
+    def probe_channels(self, base: str) -> list[str]:
+        return [base]  # one subscriber connection: one probe crosses it
+
+    @property
+    def refused_writes(self) -> int:
+        return self._publisher.refused_writes
+
     async def history(
         self,
         channel: str,

@@ -31,7 +31,7 @@ from broadcast.bus.redis_publisher import RedisPublisher
 from broadcast.bus.redis_subscriber import PING_INTERVAL, RedisSubscriber
 from broadcast.protocol.ids import ZERO_ID, parse_message_id
 from broadcast.protocol.limits import HISTORY_LENGTH, HISTORY_MAX_AGE_SECONDS, RECOVERY_LIMIT
-from broadcast.redis.cluster import Cluster, Node, parse_cluster_url
+from broadcast.redis.cluster import Cluster, Node, SlotMap, channel_slot, parse_cluster_url
 from broadcast.redis.resp import RedisError
 from broadcast.redis.supervise import keep_connected
 from broadcast.redis.topology import Standalone
@@ -39,6 +39,10 @@ from broadcast.redis.topology import Standalone
 log = logging.getLogger("broadcast.bus.redis")
 
 T = TypeVar("T")
+
+# Probe channel names tried to find one per primary (each owner found in a few tries; a primary
+# owning 1/1000 of the slots is missed with odds of e^-20). Done once per slot map.
+PROBE_SEARCH_LIMIT = 20_000
 
 
 async def wait_any(*events: trio.Event) -> None:
@@ -153,6 +157,7 @@ class RedisClusterBus:
         self._deliver: DeliverBatch | None = None
         self._nursery: trio.Nursery | None = None
         self._running = False
+        self._probe_channels: tuple[SlotMap, str, list[str]] | None = None
 
     # -- the Bus protocol ------------------------------------------------------------------
 
@@ -197,6 +202,35 @@ class RedisClusterBus:
 
     async def publish_event(self, channel: str, payload: bytes) -> None:
         await self._routed(channel, lambda shard: shard.publisher.publish_event(channel, payload))
+
+    async def probe(self, channel: str, payload: bytes) -> None:
+        await self._routed(channel, lambda shard: shard.publisher.probe(channel, payload))
+
+    def probe_channels(self, base: str) -> list[str]:
+        """One channel per primary: ``base/N`` with the smallest N whose slot it owns, so a
+        probe crosses every shard's subscriber connection (a deaf one fails readiness)."""
+        cluster_map = self.cluster.map
+        if cluster_map is None:
+            return [base]
+        cached = self._probe_channels
+        if cached is not None and cached[0] is cluster_map and cached[1] == base:
+            return cached[2]
+        found: dict[Node, str] = {}
+        wanted = len(cluster_map.primaries)
+        for number in range(PROBE_SEARCH_LIMIT):
+            channel = f"{base}/{number}"
+            owner = cluster_map.owner(channel_slot(channel))
+            if owner is not None and owner not in found:
+                found[owner] = channel
+                if len(found) == wanted:
+                    break
+        channels = [found[node] for node in sorted(found)]
+        self._probe_channels = (cluster_map, base, channels)
+        return channels
+
+    @property
+    def refused_writes(self) -> int:
+        return self._total(lambda shard: shard.publisher.refused_writes)
 
     async def history(
         self,
@@ -296,10 +330,10 @@ class RedisClusterBus:
                 shard = _Shard(self, node)
                 self._shards[node] = shard
                 await self._nursery.start(shard.run, self._deliver)
-            for channel, shard in list(self._channels.items()):
+            for channel, current in list(self._channels.items()):
                 owner = self._shard_for(channel)
-                if owner is not None and owner is not shard:
-                    await self._move(channel, shard, owner)
+                if owner is not None and owner is not current:
+                    await self._move(channel, current, owner)
             for node in set(self._shards) - cluster_map.primaries:
                 shard = self._shards.pop(node)
                 shard.scope.cancel()

@@ -21,6 +21,7 @@ from broadcast.bus.base import BusUnavailable
 from broadcast.bus.keys import STANDALONE, Keys
 from broadcast.bus.redis_history import HISTORY, StreamRead, history_args
 from broadcast.protocol.ids import ZERO_ID, MessageId
+from broadcast.redis.errors import StorageFull
 from broadcast.redis.resp import (
     RedisConnection,
     RedisConnectionError,
@@ -72,6 +73,18 @@ PUBLISH = Script(_PUBLISH_SOURCE)
 # The same on Redis Cluster: sharded pub/sub, so only the shard that owns the channel sends it.
 SPUBLISH = Script(_PUBLISH_SOURCE.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
 
+# The readiness probe (gateway/readiness.py): a write first, so that it is refused exactly when
+# a message would be (Redis at maxmemory refuses a script's first write with OOM; PUBLISH alone
+# is allowed), then the event. KEYS[1] a key of the probe channel's slot, ARGV[1] the pub/sub
+# channel, ARGV[2] the payload. The key lives a second: one small key per gateway at most.
+_PROBE_SOURCE = """\
+redis.call('SET', KEYS[1], '1', 'PX', 1000)
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+PROBE = Script(_PROBE_SOURCE)
+SPROBE = Script(_PROBE_SOURCE.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
+
 # How long a channel's epoch outlives its last message: a day, or twice the history's age if
 # that is longer. Longer than the stream, so a stream that merely expired keeps its epoch (a
 # client resuming then reads "incomplete", not "restarted"); short enough that the keys of
@@ -86,6 +99,9 @@ BATCH_LIMIT = 512
 # Encoded EVALSHA prefixes kept per channel; cleared past this so channel churn cannot grow it.
 PREFIX_CACHE_LIMIT = 4096
 
+# While Redis refuses writes for lack of memory, say so in the log at most this often.
+OOM_LOG_INTERVAL_SECONDS = 10.0
+
 _CHECK = object()
 """Queued to make the publisher PING its connection now (the subscriber saw Redis go away)."""
 
@@ -93,7 +109,17 @@ _CHECK = object()
 class _Request:
     """One command (a publish, a history read) handed to the publisher task, and its outcome."""
 
-    __slots__ = ("abandoned", "body", "channel", "command", "done", "error", "fallback", "result")
+    __slots__ = (
+        "abandoned",
+        "body",
+        "channel",
+        "command",
+        "done",
+        "error",
+        "fallback",
+        "full",
+        "result",
+    )
 
     def __init__(
         self,
@@ -109,6 +135,7 @@ class _Request:
         self.done = trio.Event()
         self.result: Any = None
         self.error: str | None = None
+        self.full = False  # refused because Redis is out of memory
         self.abandoned = False  # the caller gave up: do not send it
 
     def succeed(self, result: Any) -> None:
@@ -139,6 +166,7 @@ class RedisPublisher:
         self._topology = topology
         self._keys = keys
         self._publish = SPUBLISH if keys.sharded else PUBLISH
+        self._probe = SPROBE if keys.sharded else PROBE
         self._history_length = history_length
         self._max_age_ms = max(1, round(history_max_age * 1000))
         self._epoch_ttl_ms = round(max(EPOCH_MIN_TTL_SECONDS, 2 * history_max_age) * 1000)
@@ -148,6 +176,9 @@ class RedisPublisher:
         self._requests_send, self._requests = trio.open_memory_channel[Any](QUEUE_SIZE)
         self._prefixes: dict[str, bytes] = {}
         self.status = Status(on_change)
+        self.refused_writes = 0
+        """Messages Redis refused with ``OOM`` (at ``maxmemory`` with ``noeviction``)."""
+        self._oom_logged_at = -OOM_LOG_INTERVAL_SECONDS
 
     @property
     def max_age_ms(self) -> int:
@@ -170,13 +201,18 @@ class RedisPublisher:
         command = encode_command((self._keys.publish, self._keys.channel(channel), payload))
         await self._submit(_Request(command))
 
+    async def probe(self, channel: str, payload: bytes) -> None:
+        """A write on the channel's slot, then ``payload`` published (see PROBE)."""
+        args = (1, self._keys.probe(channel), self._keys.channel(channel), payload)
+        await self._submit(_Request(self._probe.evalsha(args), fallback=self._probe.eval(args)))
+
     async def read_stream(
         self, channel: str, after: MessageId, count: int, epoch: str | None = None
     ) -> StreamRead:
         """The newest ``count`` entries after ``after`` (of ``epoch``: from the start if that
         is not the channel's epoch) and the stream's account of itself."""
-        args = (2, self._keys.history(channel), self._keys.epoch(channel))
-        args += history_args(after, count, epoch)
+        keys = (2, self._keys.history(channel), self._keys.epoch(channel))
+        args = keys + history_args(after, count, epoch)
         request = _Request(HISTORY.evalsha(args), fallback=HISTORY.eval(args))
         return StreamRead.decode(await self._submit(request))
 
@@ -203,7 +239,7 @@ class RedisPublisher:
         """One connection: load the scripts, then serve the queue until the connection fails."""
         connection = await self._topology.connect("broadcast-publisher")
         try:
-            await load_scripts(connection, (self._publish, HISTORY))
+            await load_scripts(connection, (self._publish, HISTORY, self._probe))
             self.status.set(True)
             connected("")
             await self._serve(connection)
@@ -245,7 +281,7 @@ class RedisPublisher:
         if not request.done.is_set():
             raise BusUnavailable(f"redis did not answer within {self._command_timeout} s")
         if request.error is not None:
-            raise BusUnavailable(request.error)
+            raise (StorageFull if request.full else BusUnavailable)(request.error)
         return request.result
 
     async def _serve(self, connection: RedisConnection) -> None:
@@ -309,9 +345,20 @@ class RedisPublisher:
                 else:
                     request.succeed(reply)
 
-    @staticmethod
-    def _refused(request: _Request, reply: RedisReplyError) -> None:
+    def _refused(self, request: _Request, reply: RedisReplyError) -> None:
         what = "message" if request.channel is not None else "command"
+        if reply.code == "OOM":
+            # Redis is at maxmemory and evicts nothing (noeviction): every write is refused
+            # until memory is freed. Counted, so readiness can tell (gateway/readiness.py).
+            if request.channel is not None:
+                self.refused_writes += 1
+            request.full = True
+            now = trio.current_time()
+            if now - self._oom_logged_at >= OOM_LOG_INTERVAL_SECONDS:  # not once per message
+                self._oom_logged_at = now
+                log.warning("redis is out of memory (OOM), writes are refused: %s", reply)
+            request.fail(f"redis is out of memory (OOM, maxmemory reached): {what} not stored")
+            return
         # Redis Cluster's redirections are routine (the cluster bus follows MOVED at once).
         level = logging.INFO if reply.code in ("MOVED", "ASK", "TRYAGAIN") else logging.WARNING
         log.log(level, "redis refused a %s: %s", what, reply)

@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_connections=args.max_connections,
             access=access,
             presence=make_presence(args.redis_url),
-            api=api_options(args),  # the server API (docs/api.md); None: off
+            api=api_options(args),  # the server API (docs/api.md); off without a key
         )
     except (StartError, ValueError) as exc:
         fail(secrets.redact(str(exc)))

@@ -6,7 +6,7 @@ the other sessions, so the gateway's modules import in one direction only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from broadcast.bus.base import Bus
@@ -17,6 +17,9 @@ from broadcast.gateway.presence_notices import PresenceNotices
 from broadcast.gateway.replay import ReplayReads
 from broadcast.gateway.stats import GatewayStats
 from broadcast.presence import PresenceStore
+
+PublishOnce = Callable[[str | None, str, bytes], Awaitable[str]]
+"""``(key, channel, body) -> id``: publish at most once per key within the window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,9 @@ class SessionContext:
     """A line client (which cannot answer pings) is asked to speak, then closed, after it."""
     clock: Callable[[], float]
     address_allowances: AddressAllowances | None = None
+    publish_once: PublishOnce | None = None
+    """The server API's idempotent publish (its key store, in Redis with a cluster), for a
+    ``publish`` with an ``idempotency_key``; None: such keys are ignored."""
 
     def budget(self, address: str) -> ClientBudget:
         shared = None if self.address_allowances is None else self.address_allowances.get(address)

@@ -11,9 +11,10 @@ while it refuses every message. So each round of probes goes the way a message g
   lack of memory since the previous round (``bus.refused_writes``): with Redis hovering at its
   limit, a probe's small write may get through while many messages do not.
 
-``live`` turns False the moment a round's deadline passes with a probe outstanding. While not
-live the probe retries every RETRY_INTERVAL_SECONDS, so readiness comes back within that of the
-bus working again (and within the bus's reconnect backoff of Redis coming back).
+``live`` turns False the moment a round's deadline passes with a probe outstanding, or a
+message is refused for lack of memory. While not live the probe retries every
+RETRY_INTERVAL_SECONDS, so readiness comes back within about that of the bus working again (and
+within the bus's reconnect backoff of Redis coming back).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ log = logging.getLogger("broadcast.gateway.readiness")
 PROBE_INTERVAL_SECONDS = 2.0
 # While not ready, probe again this soon: ready again within ~0.5 s of the bus working.
 RETRY_INTERVAL_SECONDS = 0.5
+# While a bus connection is down, check this often whether it is back, to probe at once.
+BUS_POLL_SECONDS = 0.1
 # A probe not back within this marks the gateway not ready. A round trip through Redis takes
 # milliseconds; seconds leave room for a loaded gateway without flapping out of the balancer.
 PROBE_DEADLINE_SECONDS = 3.0
@@ -49,11 +52,17 @@ class ReadinessProbe:
         self._outstanding: dict[str, bytes] = {}
         self._arrived = trio.Event()
         self._refused_seen = 0
-        self.live = False
+        self._live = False
         self.rounds = 0
         """Probe rounds finished (passed or failed); tests wait on it."""
         self.round_done = trio.Event()
         """Set (and replaced) after every round."""
+
+    @property
+    def live(self) -> bool:
+        """The last round passed, and no message was refused for lack of memory since: the
+        first refusal turns readiness off at once, not at the next round."""
+        return self._live and self._bus.refused_writes == self._refused_seen
 
     def _watcher(self, channel: str) -> Callable[[bytes], None]:
         def arrived(payload: bytes) -> None:
@@ -78,7 +87,24 @@ class ReadinessProbe:
             self.rounds += 1
             done, self.round_done = self.round_done, trio.Event()
             done.set()
-            await trio.sleep(PROBE_INTERVAL_SECONDS if live else RETRY_INTERVAL_SECONDS)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Until the next round: PROBE_INTERVAL_SECONDS while live; RETRY_INTERVAL_SECONDS
+        while not, or until the bus is connected again; and as soon as a refused message turned
+        readiness off."""
+        if not self._live:
+            if self._bus.ready:
+                await trio.sleep(RETRY_INTERVAL_SECONDS)
+                return
+            # A connection is down: probe as soon as the bus says it is back.
+            while not self._bus.ready:  # noqa: ASYNC110 - the Bus protocol offers no event
+                await trio.sleep(BUS_POLL_SECONDS)
+            return
+        next_round = trio.current_time() + PROBE_INTERVAL_SECONDS
+        # Polls a counter (four checks per interval): the bus has no event for a refusal.
+        while self.live and trio.current_time() < next_round:  # noqa: ASYNC110
+            await trio.sleep(min(RETRY_INTERVAL_SECONDS, next_round - trio.current_time()))
 
     async def _follow(self, channels: list[str]) -> None:
         """Subscribe the probe channels of now (the cluster's primaries change), drop the rest."""
@@ -126,11 +152,11 @@ class ReadinessProbe:
             scope.cancel()
 
     def _set_live(self, live: bool) -> None:
-        if live != self.live:
+        if live != self._live:
             log.log(
                 logging.INFO if live else logging.WARNING,
                 "ready: the bus round trip works"
                 if live
                 else "not ready: no bus round trip, or the bus refuses writes",
             )
-        self.live = live
+        self._live = live

@@ -125,6 +125,10 @@ class Gateway:
         self.presence = presence(self._presence_expired)
         self.notices = PresenceNotices(bus, self.hub, self.presence)
         self.hub.on_presence_diff = self.notices.forget_snapshot
+        # The server API (docs/api.md): built always, answers 404 until a key turns it on; its
+        # idempotency store also serves WebSocket publishes with an idempotency_key.
+        self.api_options = api or ApiOptions()
+        self.api = self.api_options.build(self)
         self.context = SessionContext(
             bus=bus,
             hub=self.hub,
@@ -143,15 +147,13 @@ class Gateway:
                 if self.access.addresses is None
                 else AddressAllowances(self.access.rates, trio.current_time)
             ),
+            publish_once=self.api.publish_once,
         )
         self.admission = Admission(self.access, self.stats, self.answer_http)
         self._session_rate = (session_rate, session_burst)
         if admission is not None:  # tests tune its timers
             admission(self.admission)
         self.metrics = GatewayMetrics(self)
-        # The server API (docs/api.md): built always, answers 404 until a key turns it on.
-        self.api_options = api or ApiOptions()
-        self.api = self.api_options.build(self)
         self.metrics.registry.register(ApiCollector(self.api))
         self.hub.observe_lag = self.metrics.delivery_lag.observe
         self.draining = False

@@ -13,6 +13,7 @@ import time
 
 import trio
 
+from broadcast.api.idempotency import IdempotencyPending
 from broadcast.bus.base import BusUnavailable
 from broadcast.gateway.budget import ClientBudget, TooManyRequests
 from broadcast.gateway.context import SessionContext
@@ -387,19 +388,39 @@ class ClientSession:
         notices = self.ctx.notices
         (notices.joined if kind == "join" else notices.left)(self.channel, self.name)
 
-    async def publish(self, text: str) -> str:
+    async def publish(self, text: str, idempotency_key: str | None = None) -> str:
         """Publish through the bus; the id is Redis's. Raises ProtocolError when not accepted.
-        The caller has charged the message to the budget."""
+        The caller has charged the message to the budget. With ``idempotency_key``, a repeat
+        within the window (on any gateway) publishes nothing and returns the first id."""
         body = message_body(self.channel, self.name, text, round(time.time(), 3), self.origin)
+        publish_once = self.ctx.publish_once
         try:
-            message_id = await self.ctx.bus.publish_message(self.channel, body)
+            if idempotency_key is not None and publish_once is not None:
+                scoped = self._idempotency_scope(idempotency_key)
+                message_id = await publish_once(scoped, self.channel, body)
+            else:
+                message_id = await self.ctx.bus.publish_message(self.channel, body)
         except BusUnavailable as exc:
             self.ctx.stats.publish_failures += 1
             raise ProtocolError(
                 ErrorCode.BUS_UNAVAILABLE, f"message not accepted, try again: {exc}"
             ) from None
+        except IdempotencyPending:
+            raise ProtocolError(
+                ErrorCode.IDEMPOTENCY_PENDING,
+                "a publish with this idempotency_key is still running; try again",
+                retry_after=1.0,
+            ) from None
         self.ctx.stats.messages_in += 1
         return message_id
+
+    def _idempotency_scope(self, key: str) -> str:
+        """The client's own key space, so no client can answer another's retries: its name (a
+        token's ``sub``, or the name it chose, which is unique in a channel) and channel; a
+        guest's is its connection (``guest-N`` is per gateway and per connection)."""
+        if self.identity is None and self.name == self.default_name:
+            return f"ws-guest:{self.origin}:{self.channel}:{key}"
+        return f"ws:{self.name}:{self.channel}:{key}"
 
     async def who(self) -> list[str]:
         """Who is in this client's channel, on every gateway."""

@@ -247,7 +247,7 @@ class WebSocketSession(ClientSession):
 
     async def _run(self, command: commands.Command) -> None:
         if isinstance(command, commands.Publish):
-            message_id = await self.publish(command.text)
+            message_id = await self.publish(command.text, command.idempotency_key)
             ack: dict[str, object] = {"type": "ack", "id": message_id}
             if command.ref is not None:
                 ack["ref"] = command.ref

@@ -33,6 +33,9 @@ _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 # hex ones (protocol/ids.py), so anything that could not be one (quotes, controls) is refused.
 _EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HISTORY_RE = re.compile(r"[0-9]{1,4}")
+# A publish's idempotency key: long enough for a UUID or a hash, printable so logs stay clean.
+MAX_IDEMPOTENCY_KEY_BYTES = 64
+_IDEMPOTENCY_KEY_RE = re.compile(rf"[\x20-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_BYTES}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ class Recovery:
 class Publish:
     text: str
     ref: str | None
+    idempotency_key: str | None = None
+    """Repeated within the window, the publish publishes nothing and gets the first ack's id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +101,7 @@ def parse_frame(text: str) -> Command:
     kind = obj.get("type")
     try:
         if kind == "publish":
-            return Publish(check_text(_optional_string(obj, "text")), ref)
+            return Publish(check_text(_optional_string(obj, "text")), ref, _idempotency_key(obj))
         if kind == "hello":
             return _hello(obj)
         if kind == "ping":
@@ -161,6 +166,18 @@ def _optional_ref(obj: dict[str, object]) -> str | None:
             f"ref must be a string of valid Unicode, at most {MAX_REF_BYTES} bytes",
         )
     return ref
+
+
+def _idempotency_key(obj: dict[str, object]) -> str | None:
+    key = obj.get("idempotency_key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ProtocolError(
+            ErrorCode.BAD_COMMAND,
+            f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY_BYTES} printable ASCII characters",
+        )
+    return key
 
 
 def _encodes(text: str) -> bool:

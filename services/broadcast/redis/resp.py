@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import hiredis
@@ -236,7 +236,7 @@ class RedisConnection:
             if not data:
                 raise RedisConnectionError(f"{self.name}: connection closed by the server")
             reader = self._reader
-            reader.feed(data)
+            reader.feed(_buffer(data))
             replies = []
             while (reply := reader.gets()) is not False:
                 replies.append(reply)
@@ -258,7 +258,7 @@ class RedisConnection:
                 data = await self._stream.receive_some(RECEIVE_SIZE)
                 if not data:
                     raise RedisConnectionError(f"{self.name}: connection closed by the server")
-                reader.feed(data)
+                reader.feed(_buffer(data))
             else:
                 replies.append(reply)
         return replies
@@ -286,3 +286,9 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
         text = f"{text} ({exc.__cause__})" if text else str(exc.__cause__)
     return text or type(exc).__name__
+
+
+def _buffer(data: bytes | bytearray) -> bytes:
+    """What a stream read gives (``bytes``, or ``bytearray`` from TLS), as hiredis's stubs
+    type ``feed``: hiredis reads any buffer, so this is only a cast, never a copy."""
+    return cast(bytes, data)

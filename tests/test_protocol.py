@@ -590,6 +590,59 @@ def test_classify_is_stable_once_decided(data: bytes) -> None:
     assert all(k is firsts[0] for k in firsts)
 
 
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _reference_is_request_line(line: bytes) -> bool:
+    """The rule written another way: three parts split on single spaces, a token, a visible
+    target, ``HTTP/d.d`` and an optional CR."""
+    line = line.removesuffix(b"\r")
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return False
+    method, target, version = parts
+    return (
+        bool(method)
+        and all(byte in _TCHARS for byte in method)
+        and bool(target)
+        and all(0x21 <= byte <= 0x7E or byte >= 0x80 for byte in target)
+        and len(version) == 8
+        and version[:5] == b"HTTP/"
+        and version[5:6].isdigit()
+        and version[6:7] == b"."
+        and version[7:8].isdigit()
+    )
+
+
+_request_lines = st.builds(
+    lambda method, target, major, minor, cr: (
+        method + b" " + target + b" HTTP/%d.%d" % (major, minor) + cr
+    ),
+    st.binary(min_size=1, max_size=12).map(lambda b: bytes(_TCHARS[x % len(_TCHARS)] for x in b)),
+    st.binary(min_size=1, max_size=40).map(lambda b: bytes(0x21 + x % 94 for x in b)),
+    st.integers(0, 9),
+    st.integers(0, 9),
+    st.sampled_from([b"", b"\r"]),
+)
+
+
+@given(_request_lines, st.binary(max_size=40))
+def test_every_request_line_is_http_at_every_prefix(line: bytes, rest: bytes) -> None:
+    """Whatever the method and target, a request line is never taken for a line client, however
+    few of its bytes have arrived."""
+    for cut in range(len(line) + 1):
+        assert classify(line[:cut]) is Kind.UNDECIDED
+    assert classify(line + b"\n" + rest) is Kind.HTTP
+
+
+@given(st.binary(max_size=60), st.binary(max_size=20))
+def test_classify_agrees_with_the_rule_for_any_first_line(first: bytes, rest: bytes) -> None:
+    """For any bytes with a newline, HTTP exactly when the first line is a request line."""
+    line = first.split(b"\n", 1)[0]
+    kind = classify(line + b"\n" + rest)
+    assert (kind is Kind.HTTP) == _reference_is_request_line(line)
+
+
 # -- WebSocket frames -----------------------------------------------------------------------
 
 

@@ -95,7 +95,8 @@ def ec_keys() -> KeyPair:
     return KeyPair("ES256", *_pems(ec.generate_private_key(ec.SECP256R1())))
 
 
-def _claims(name: object = "alice", ttl: float = 300, **extra: Any) -> dict[str, Any]:
+def _claims(name: object = "alice", ttl: float = 86400, **extra: Any) -> dict[str, Any]:
+    """Claims made when the tests are collected: a day of validity outlives the whole suite."""
     now = int(time.time())
     return {"sub": name, "iat": now, "exp": now + ttl, **extra}
 

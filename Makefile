@@ -31,6 +31,7 @@ system-deps:
 lint: $(BIN)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p broadcast
 
 test: $(BIN)/.installed-test system-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ from broadcast.bus.base import BusUnavailable
 from broadcast.bus.redis_bus import RedisBus
 from broadcast.bus.redis_cluster_bus import RedisClusterBus
 from broadcast.presence import RedisPresence
-from broadcast.presence.redis_cluster_presence import ClusterPresence
+from broadcast.presence.redis_cluster_presence import ClusterPresence, cluster_presence_key
 from broadcast.protocol.ids import gap_payload
 from broadcast.redis.cluster import ClusterConfig, channel_slot, key_slot, parse_cluster_url
 from tests.support.clients import ws_client
@@ -147,6 +147,112 @@ async def test_a_migrated_slot_moves_its_subscription_and_loses_nothing(
     assert listener.gaps == 0
     history = await listener.history("general", after=before[0])
     assert ids(history.messages) == before[1:] + after and history.complete
+
+
+def same_slot_channels() -> tuple[str, str]:
+    """Two channel names whose keys share one slot (different hash tags, same CRC16)."""
+    seen: dict[int, str] = {}
+    for number in range(100_000):
+        name = f"ask-{number}"
+        other = seen.setdefault(channel_slot(name), name)
+        if other != name:
+            return other, name
+    raise AssertionError("no two names share a slot")
+
+
+async def test_a_slot_in_migration_follows_ask_and_tryagain_and_loses_nothing(
+    cluster: ClusterSet, nursery: trio.Nursery
+) -> None:
+    """Mid-migration (SETSLOT IMPORTING/MIGRATING), one channel's keys already moved (its
+    commands are answered ASK), another's still on the source, then split for a moment (its
+    script is answered TRYAGAIN): publishes, history reads and presence go on, nothing lost,
+    one order."""
+    moved, stays = same_slot_channels()
+    slot = channel_slot(moved)
+    publisher, _ = await start(nursery, cluster.url)
+    listener, recorder = await start(nursery, cluster.url)
+    presence = ClusterPresence(cluster.url, on_expired=lambda *_: None, refresh_interval=0.2)
+    with trio.fail_after(WAIT):
+        await nursery.start(presence.run)
+    await presence.enter(moved, "gw/1", "alice")
+    sent: dict[str, list[str]] = {moved: [], stays: []}
+
+    async def publish(channel: str, label: str, count: int) -> None:
+        for number in range(count):
+            message = body(channel, f"{label}{number}")
+            sent[channel].append(await publisher.publish_message(channel, message))
+
+    for channel in (moved, stays):
+        await listener.subscribe(channel)
+        await publish(channel, "before", 3)
+        await recorder.wait_for(channel, 3)
+    source = await trio.to_thread.run_sync(cluster.owner, slot)
+    target = next(server for server in cluster.servers if server is not source)
+    ids_of = {
+        server: server.client().execute_command("CLUSTER", "MYID").decode()
+        for server in (source, target)
+    }
+
+    def keys(channel: str) -> list[str]:
+        return [f"broadcast:history:{{{channel}}}", f"broadcast:epoch:{{{channel}}}"]
+
+    def move(*names: str) -> None:
+        source.client().execute_command(
+            "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *names
+        )
+
+    def begin() -> None:
+        target.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids_of[source])
+        source.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids_of[target])
+        move(*keys(moved), cluster_presence_key(moved))
+
+    def count(server: RedisServer) -> int:
+        return int(server.client().execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
+
+    await trio.to_thread.run_sync(begin)
+    assert await trio.to_thread.run_sync(count, source) == 2  # only `stays` is left there
+    # `moved`: the source answers ASK, the importing node runs the script after ASKING (its
+    # script cache is flushed first: NOSCRIPT there falls back to EVAL).
+    await trio.to_thread.run_sync(lambda: target.client().script_flush())
+    await publish(moved, "during", 5)
+    await publish(stays, "during", 5)
+    await presence.enter(moved, "gw/2", "bob")
+    assert await presence.members(moved) == ["alice", "bob"]
+    assert await trio.to_thread.run_sync(count, source) == 2
+    assert await trio.to_thread.run_sync(count, target) == 3
+    for channel in (moved, stays):
+        history = await listener.history(channel, last=20)
+        assert ids(history.messages) == sent[channel] and history.complete
+        resumed = await listener.history(channel, after=sent[channel][0])
+        assert ids(resumed.messages) == sent[channel][1:] and resumed.complete
+    assert ids(await recorder.wait_for(stays, 8)) == sent[stays]  # live, from the source
+    # `stays` split: its stream moved, its epoch not yet. The script is answered TRYAGAIN until
+    # the epoch follows; the publish waits for it.
+    await trio.to_thread.run_sync(move, keys(stays)[0])
+    async with trio.open_nursery() as waiting:
+        waiting.start_soon(publish, stays, "split", 1)
+        with trio.fail_after(WAIT):
+            while publisher.retried == 0:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        await trio.to_thread.run_sync(move, keys(stays)[1])
+    assert len(sent[stays]) == 9
+    # Finish the migration: the listener's subscriptions move (SUNSUBSCRIBE from the source)
+    # and it reads what it did not hear, in order.
+    await trio.to_thread.run_sync(
+        lambda: [
+            server.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids_of[target])
+            for server in cluster.servers
+        ]
+    )
+    await publish(moved, "after", 3)
+    await publish(stays, "after", 3)
+    for channel in (moved, stays):
+        assert ids(await recorder.wait_for(channel, len(sent[channel]))) == sent[channel]
+        history = await publisher.history(channel, last=50)
+        assert ids(history.messages) == sent[channel] and history.complete
+    assert listener.shard_of(moved) == listener.shard_of(stays) == ("127.0.0.1", target.port)
+    assert listener.gaps == 0 and len(recorder.payloads(moved)) == 11
+    assert await presence.members(moved) == ["alice", "bob"]
 
 
 def test_the_cluster_url_names_seeds_and_the_password() -> None:

@@ -130,6 +130,109 @@ def test_compose_lb_publishes_the_one_port_and_mounts_the_haproxy_config(
     assert "gateway" in depends
 
 
+# -- deploy/compose/{sentinel,cluster}.yml: files added to docker-compose.yml with -f ----------
+
+COMPOSE_OVERRIDES = {
+    "sentinel.yml": "redis+sentinel",
+    "cluster.yml": "redis+cluster",
+}
+DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+
+def _merged(override: str) -> dict[str, dict[str, Any]]:
+    """The services of ``docker compose -f docker-compose.yml -f deploy/compose/<override>``:
+    a service in both has its mappings merged key by key, the override's scalars and lists
+    winning (as compose merges command, entrypoint and depends_on lists)."""
+
+    def merge(base: Any, extra: Any) -> Any:
+        if isinstance(base, dict) and isinstance(extra, dict):
+            return {k: merge(base[k], extra[k]) if k in base and k in extra else
+                    extra.get(k, base.get(k)) for k in {**base, **extra}}  # fmt: skip
+        return extra
+
+    base = yaml.safe_load(COMPOSE.read_text())["services"]
+    extra = yaml.safe_load((ROOT / "deploy" / "compose" / override).read_text())
+    assert set(extra) <= {"services"} | {key for key in extra if key.startswith("x-")}
+    return merge(base, extra["services"])
+
+
+def _strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [text for value in node.values() for text in _strings(value)]
+    if isinstance(node, list):
+        return [text for value in node for text in _strings(value)]
+    return [node] if isinstance(node, str) else []
+
+
+def _depends(service: dict[str, Any]) -> dict[str, str]:
+    depends = service.get("depends_on", {})
+    if isinstance(depends, list):
+        return dict.fromkeys(depends, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in depends.items()}
+
+
+@pytest.mark.parametrize("override", sorted(COMPOSE_OVERRIDES))
+def test_compose_override_merges_into_a_runnable_project(override: str) -> None:
+    services = _merged(override)
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        for needed, condition in _depends(service).items():
+            assert needed in services, f"{name} depends on unknown service {needed}"
+            assert condition in DEPENDS_CONDITIONS, condition
+            if condition == "service_healthy":
+                assert "healthcheck" in services[needed], f"{needed} has no healthcheck"
+        # Compose interpolates $VAR and ${VAR} in every string: the shell's need $$.
+        for text in _strings(service):
+            assert not re.search(r"\$[{A-Za-z_]", text.replace("$$", "")), text
+    assert services["gateway"]["build"]  # still the gateways of docker-compose.yml
+
+
+@pytest.mark.parametrize("override", sorted(COMPOSE_OVERRIDES))
+def test_compose_override_points_the_gateways_at_its_redis(override: str) -> None:
+    from broadcast.redis.cluster import parse_cluster_url
+    from broadcast.redis.sentinel import parse_sentinel_url
+
+    services = _merged(override)
+    url = _env(services["gateway"])["BROADCAST_REDIS_URL"]
+    assert url.startswith(COMPOSE_OVERRIDES[override] + "://")
+    build_parser()[0].parse_args(["start", "--redis-url", url])  # the gateway takes it
+    if override == "sentinel.yml":
+        config = parse_sentinel_url(url)
+        hosts = config.sentinels
+        sentinels = [name for name in services if name.startswith("sentinel-")]
+        assert len(sentinels) == 3 and {h for h, _ in hosts} == set(sentinels)
+        for name in sentinels:
+            script = "\n".join(services[name]["command"])
+            assert f"sentinel monitor {config.master_name} redis 6379 2" in script
+            assert "port 26379" in script and "--sentinel" in script
+        replica = services["redis-replica"]["command"]
+        assert replica[replica.index("--replicaof") + 1 :] == ["redis", "6379"]
+    else:
+        hosts = parse_cluster_url(url).seeds
+        nodes = [name for name in services if name == "redis" or name.startswith("redis-")]
+        assert len(nodes) == 3 and {h for h, _ in hosts} == set(nodes)
+        for name in nodes:
+            node = services[name]
+            assert node["image"] == "redis:7"  # sharded pub/sub needs Redis 7
+            command = node["command"]
+            assert command[command.index("--cluster-enabled") + 1] == "yes"
+        init = "\n".join(services["cluster-init"]["command"])
+        assert "redis-cli --cluster create" in init and "--cluster-replicas 0" in init
+        assert _depends(services["gateway"])["cluster-init"] == "service_completed_successfully"
+    assert all(port in (6379, 26379) for _, port in hosts)
+
+
+@pytest.mark.parametrize("override", sorted(COMPOSE_OVERRIDES))
+def test_readme_starts_each_redis_compose_file_with_one_command(override: str) -> None:
+    command = (
+        f"docker compose -f docker-compose.yml -f deploy/compose/{override} up --build"
+        " --scale gateway=3"
+    )
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert command in readme
+    assert command in (ROOT / "deploy" / "compose" / override).read_text()
+
+
 # -- deploy/haproxy/haproxy.cfg ------------------------------------------------------------------
 
 
@@ -402,6 +505,19 @@ def test_our_rendering_agrees_with_kubectl_kustomize(directory: Path) -> None:
         doc["metadata"].get("labels", {}).pop("app.kubernetes.io/part-of", None)
         theirs[(doc["kind"], doc["metadata"]["name"])] = doc
     assert theirs == _render(directory)
+
+
+def test_the_readme_redis_patch_reads_the_url_from_a_secret_for_each_kind_of_redis() -> None:
+    readme = (K8S / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "redis-patch" in b]
+    deployment = _render(K8S / "base")[("Deployment", "broadcast-gateway")]
+    for operation in yaml.safe_load(block):
+        _apply(deployment, operation)
+    kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env[0]["valueFrom"]["secretKeyRef"]["key"] == "url" and "value" not in env[0]
+    for scheme in ("rediss://", "redis+sentinel://", "redis+cluster://"):
+        assert f"--from-literal=url='{scheme}" in readme, scheme
 
 
 def _gateway(directory: Path = TRIAL) -> tuple[dict[str, Any], dict[str, Any]]:

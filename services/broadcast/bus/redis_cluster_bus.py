@@ -10,9 +10,18 @@ Following the cluster: the slot map is read at start, every few seconds, after a
 and after a shard drops a subscription on its own (``SUNSUBSCRIBE``: the slot migrated). When a
 channel's owner changes, its subscription moves: the new shard's subscriber subscribes it and
 reads the history after the last message delivered (``RedisSubscriber.adopt``), so nothing is
-lost, or a gap notice says so (a failover before replication). A publish answered ``MOVED`` is
-sent again, once, to the new owner; one answered ``ASK`` (mid-migration) or ``TRYAGAIN`` is
-refused with BusUnavailable, as when Redis is down: it was not acknowledged.
+lost, or a gap notice says so (a failover before replication). A publish or read answered
+``MOVED`` is sent again, once, to the new owner.
+
+While a slot is being migrated (``CLUSTER SETSLOT … MIGRATING/IMPORTING``) a channel whose keys
+have left the source is answered ``ASK``: the publisher sends the same command once more to the
+importing node after ``ASKING`` (``Cluster.ask``; the slot map is not changed), where the script
+runs whole since all of the channel's keys share its slot. ``TRYAGAIN`` (the channel's keys are
+split between the two nodes for a moment) is retried after a short wait, a few times; then the
+publish is refused with BusUnavailable, unacknowledged. Shard channels stay on the source until
+the migration ends, so a message published on the importing node reaches the listeners when
+their subscription moves (the source's ``SUNSUBSCRIBE``): the new shard's subscriber reads the
+history after the last message delivered, in order.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from broadcast.bus.redis_subscriber import PING_INTERVAL, RedisSubscriber
 from broadcast.protocol.ids import ZERO_ID, parse_message_id
 from broadcast.protocol.limits import HISTORY_LENGTH, HISTORY_MAX_AGE_SECONDS, RECOVERY_LIMIT
 from broadcast.redis.cluster import Cluster, Node, SlotMap, channel_slot, parse_cluster_url
+from broadcast.redis.errors import Redirected
 from broadcast.redis.resp import RedisError
 from broadcast.redis.supervise import keep_connected
 from broadcast.redis.topology import Standalone
@@ -72,6 +82,7 @@ class _Shard:
             on_change=bus.state_changed,
             keys=CLUSTER,
         )
+        self.publisher.on_ask = bus.cluster.ask
         self.subscriber = RedisSubscriber(
             self.topology,
             self.publisher,
@@ -151,6 +162,9 @@ class RedisClusterBus:
         self._shards: dict[Node, _Shard] = {}
         self._retired: list[_Shard] = []  # shards no longer primaries: their counters still count
         self._channels: dict[str, _Shard | None] = {}  # subscribed channel -> its shard's
+        # Channels a shard dropped (SUNSUBSCRIBE), awaiting reassignment -> that shard, whose
+        # subscriber knows the last message delivered: the new one refills from there.
+        self._left: dict[str, _Shard] = {}
         self._lock = trio.Lock()  # subscriptions are assigned and moved one at a time
         self._changed = trio.Event()
         self._wake = trio.Event()
@@ -269,6 +283,9 @@ class RedisClusterBus:
     async def unsubscribe(self, channel: str) -> None:
         async with self._lock:
             shard = self._channels.pop(channel, None)
+            left = self._left.pop(channel, None)
+            if left is not None:
+                left.subscriber.continuity.forget(channel)
             if shard is not None:
                 await shard.subscriber.unsubscribe(channel)
 
@@ -290,7 +307,8 @@ class RedisClusterBus:
                 return await call(shard)
             except BusUnavailable as exc:
                 self.cluster.refresh_soon()  # the shard may have failed over, or lost the slot
-                if attempt == 2 or "(MOVED)" not in str(exc):
+                moved = isinstance(exc, Redirected) and exc.code == "MOVED"
+                if attempt == 2 or not moved:
                     raise
             await self._refresh_now()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -304,8 +322,10 @@ class RedisClusterBus:
 
     def dropped(self, channel: str) -> None:
         """A shard dropped ``channel``'s subscription on its own: its slot moved."""
-        if self._channels.get(channel) is not None:
+        shard = self._channels.get(channel)
+        if shard is not None:
             self._channels[channel] = None  # reassigned by the next _apply
+            self._left[channel] = shard
         self.cluster.refresh_soon()
         self._wake.set()
 
@@ -333,7 +353,7 @@ class RedisClusterBus:
             for channel, current in list(self._channels.items()):
                 owner = self._shard_for(channel)
                 if owner is not None and owner is not current:
-                    await self._move(channel, current, owner)
+                    await self._move(channel, current or self._left.pop(channel, None), owner)
             for node in set(self._shards) - cluster_map.primaries:
                 shard = self._shards.pop(node)
                 shard.scope.cancel()
@@ -372,6 +392,11 @@ class RedisClusterBus:
     @property
     def reconnects(self) -> int:
         return self._total(lambda shard: shard.reconnects)
+
+    @property
+    def retried(self) -> int:
+        """Commands sent again after ``TRYAGAIN`` (a slot's keys half migrated)."""
+        return self._total(lambda shard: shard.publisher.retried)
 
     @property
     def gaps(self) -> int:

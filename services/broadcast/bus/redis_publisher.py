@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import trio
 
@@ -21,10 +21,12 @@ from broadcast.bus.base import BusUnavailable
 from broadcast.bus.keys import STANDALONE, Keys
 from broadcast.bus.redis_history import HISTORY, StreamRead, history_args
 from broadcast.protocol.ids import ZERO_ID, MessageId
-from broadcast.redis.errors import StorageFull
+from broadcast.redis.cluster import TRYAGAIN_DELAYS, Node
+from broadcast.redis.errors import Redirected, StorageFull
 from broadcast.redis.resp import (
     RedisConnection,
     RedisConnectionError,
+    RedisError,
     RedisReplyError,
     encode_command,
 )
@@ -102,6 +104,9 @@ PREFIX_CACHE_LIMIT = 4096
 # While Redis refuses writes for lack of memory, say so in the log at most this often.
 OOM_LOG_INTERVAL_SECONDS = 10.0
 
+# Redis Cluster's answers that mean "not executed here" (redis/cluster.py).
+REDIRECTIONS = ("MOVED", "ASK", "TRYAGAIN")
+
 _CHECK = object()
 """Queued to make the publisher PING its connection now (the subscriber saw Redis go away)."""
 
@@ -118,6 +123,7 @@ class _Request:
         "error",
         "fallback",
         "full",
+        "redirect",
         "result",
     )
 
@@ -136,7 +142,12 @@ class _Request:
         self.result: Any = None
         self.error: str | None = None
         self.full = False  # refused because Redis is out of memory
+        self.redirect: str | None = None  # Redis Cluster's MOVED/ASK/TRYAGAIN reply
         self.abandoned = False  # the caller gave up: do not send it
+
+    def again(self) -> _Request:
+        """The same command, to be sent anew."""
+        return _Request(self.command, self.channel, self.body, self.fallback)
 
     def succeed(self, result: Any) -> None:
         if not self.done.is_set():
@@ -179,6 +190,11 @@ class RedisPublisher:
         self.refused_writes = 0
         """Messages Redis refused with ``OOM`` (at ``maxmemory`` with ``noeviction``)."""
         self._oom_logged_at = -OOM_LOG_INTERVAL_SECONDS
+        self.retried = 0
+        """Commands sent again after ``TRYAGAIN`` (Redis Cluster, mid-migration)."""
+        self.on_ask: Callable[[Node, bytes, bytes | None], Awaitable[Any]] | None = None
+        """Redis Cluster: sends a command answered ``ASK`` to the node named (with ``ASKING``),
+        given the node, the command and its EVAL form; returns the reply (Cluster.ask)."""
 
     @property
     def max_age_ms(self) -> int:
@@ -263,6 +279,24 @@ class RedisPublisher:
         return encode(fixed, extra=1)
 
     async def _submit(self, request: _Request) -> Any:
+        """Queue ``request`` for the publisher and wait for its reply. On Redis Cluster, a
+        ``TRYAGAIN`` (a multi-key command while its slot's keys are being migrated) is sent
+        again after a short wait, a few times within the timeout; ``ASK`` is followed."""
+        deadline = trio.current_time() + self._command_timeout
+        for delay in (*TRYAGAIN_DELAYS, None):
+            try:
+                return await self._submit_once(request)
+            except Redirected as exc:
+                if exc.code != "TRYAGAIN" or delay is None:
+                    raise
+                if trio.current_time() + delay > deadline:
+                    raise
+            self.retried += 1
+            await trio.sleep(delay)
+            request = request.again()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _submit_once(self, request: _Request) -> Any:
         """Queue ``request`` for the publisher and wait for its reply, never past the timeout."""
         if not self.status.up:
             raise BusUnavailable("redis is unreachable")
@@ -281,8 +315,37 @@ class RedisPublisher:
         if not request.done.is_set():
             raise BusUnavailable(f"redis did not answer within {self._command_timeout} s")
         if request.error is not None:
-            raise (StorageFull if request.full else BusUnavailable)(request.error)
+            if request.redirect is not None and self.on_ask is not None:
+                redirected = Redirected(request.error, request.redirect)
+                if redirected.code == "ASK" and redirected.node is not None:
+                    return await self._ask(request, redirected.node)
+            self._raise(request)
         return request.result
+
+    async def _ask(self, request: _Request, node: Node) -> Any:
+        """``request`` once more on ``node`` after ``ASKING`` (its slot is being imported
+        there). An ASK from that node is not followed again."""
+        assert self.on_ask is not None
+        try:
+            with trio.fail_after(self._command_timeout):
+                reply = await self.on_ask(node, request.command, self._eval_form(request))
+        except (RedisError, trio.TooSlowError) as exc:
+            raise BusUnavailable(f"redis cluster: no answer from the node asked: {exc}") from None
+        if isinstance(reply, RedisReplyError):
+            refused = request.again()
+            self._refused(refused, reply)
+            self._raise(refused)
+        return reply
+
+    @staticmethod
+    def _raise(request: _Request) -> NoReturn:
+        """The failure of a request Redis answered with an error."""
+        error = request.error or "redis refused the command"
+        if request.full:
+            raise StorageFull(error)
+        if request.redirect is not None:
+            raise Redirected(error, request.redirect)
+        raise BusUnavailable(error)
 
     async def _serve(self, connection: RedisConnection) -> None:
         """Take a request, drain what else is queued, write the batch at once, hand out replies."""
@@ -331,19 +394,23 @@ class RedisPublisher:
             raise RedisConnectionError(f"{connection.name} is a read-only replica now")
         if unknown_script:  # the script cache was flushed: EVAL also caches it again
             log.info("redis lost its scripts; sending them again")
-            data = b"".join(
-                request.fallback
-                if request.fallback is not None
-                else self._script_prefix(self._publish.eval, request.channel or "")
-                + b"$%d\r\n%s\r\n" % (len(request.body), request.body)
-                for request in unknown_script
-            )
+            data = b"".join(self._eval_form(request) or b"" for request in unknown_script)
             replies = await connection.roundtrip(data, len(unknown_script))
             for request, reply in zip(unknown_script, replies, strict=True):
                 if isinstance(reply, RedisReplyError):
                     self._refused(request, reply)
                 else:
                     request.succeed(reply)
+
+    def _eval_form(self, request: _Request) -> bytes | None:
+        """The request as EVAL (it caches the script again); None if it is no script call."""
+        if request.fallback is not None:
+            return request.fallback
+        if request.channel is None:
+            return None
+        body = request.body
+        prefix = self._script_prefix(self._publish.eval, request.channel)
+        return prefix + b"$%d\r\n%s\r\n" % (len(body), body)
 
     def _refused(self, request: _Request, reply: RedisReplyError) -> None:
         what = "message" if request.channel is not None else "command"
@@ -360,7 +427,10 @@ class RedisPublisher:
             request.fail(f"redis is out of memory (OOM, maxmemory reached): {what} not stored")
             return
         # Redis Cluster's redirections are routine (the cluster bus follows MOVED at once).
-        level = logging.INFO if reply.code in ("MOVED", "ASK", "TRYAGAIN") else logging.WARNING
+        level = logging.WARNING
+        if reply.code in REDIRECTIONS:
+            level = logging.DEBUG
+            request.redirect = str(reply)
         log.log(level, "redis refused a %s: %s", what, reply)
         request.fail(f"redis refused the {what} ({reply.code})")
 

@@ -114,7 +114,8 @@ def _number(text: str, kind: type[int] | type[float], noun: str) -> int | float:
 
 
 def _redis_url(text: str) -> str:
-    """A ``redis://`` or ``rediss://`` URL. Never quoted back: it may hold a password."""
+    """A ``redis://``, ``rediss://``, ``redis+sentinel://`` or ``redis+cluster://`` URL. Never
+    quoted back: it may hold a password."""
     if text.startswith(("redis+sentinel://", "redis+cluster://")):  # checked by broadcast.redis
         return text
     try:
@@ -213,8 +214,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[_Setting]]:
     # fmt: off
     option("--host", "127.0.0.1", "address to listen on; 0.0.0.0: every IPv4 address", _not_empty)
     option("--port", DEFAULT_PORT, "port for WebSocket, line and HTTP clients; 0: any free", _port)
-    option("--redis-url", None, "redis:// or rediss:// URL of the Redis that joins gateways into "
-           "a cluster (none: in-process, one gateway)", _redis_url, metavar="URL")
+    option("--redis-url", None, "the Redis that joins gateways into a cluster: redis:// or "
+           "rediss:// (one Redis, TLS), redis+sentinel://HOST:PORT,.../MASTER (Sentinel), "
+           "redis+cluster://HOST:PORT,... (Redis Cluster 7+); none: in-process, one gateway",
+           _redis_url, metavar="URL")
     option("--node-id", None, "this gateway's name in welcomes and message origins", _not_empty,
            shown="host name-pid", metavar="NAME")
     option("--history-length", HISTORY_LENGTH, "messages kept per channel", _at_least(1, int),

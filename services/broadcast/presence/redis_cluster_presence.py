@@ -7,6 +7,11 @@ shard on one connection to each primary, opened when first needed. A shard that 
 fails only the calls for its channels; its entries are written by the next refresh that reaches
 it (after a failover, on the promoted replica). Every call and refresh holds one lock, as on one
 Redis, so a refresh never rewrites an entry from a stale snapshot.
+
+A call answered ``MOVED`` is sent again, once, after the slot map is read again; one answered
+``ASK`` (its channel's slot is being migrated and the key has left) is sent once
+more to the importing node after ``ASKING`` (``Cluster.ask``). Each script has one key, so
+``TRYAGAIN`` (a multi-key command during a migration) cannot happen.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from broadcast.presence.base import OnExpired
 from broadcast.presence.redis_presence import REFRESH_BATCH, Command, RedisPresence
 from broadcast.presence.scripts import SCRIPTS
 from broadcast.redis.cluster import Cluster, Node, parse_cluster_url
+from broadcast.redis.errors import Redirected
 from broadcast.redis.resp import RedisConnection, RedisConnectionError, RedisError, RedisReplyError
-from broadcast.redis.scripts import load_scripts, run_scripts
+from broadcast.redis.scripts import ScriptCall, load_scripts, run_scripts
 
 log = logging.getLogger("broadcast.presence.redis")
 
@@ -32,6 +38,10 @@ KEY_PREFIX = "broadcast:presence:"
 
 def cluster_presence_key(channel: str) -> str:
     return f"{KEY_PREFIX}{{{channel}}}"
+
+
+def _moved(reply: Any) -> bool:
+    return isinstance(reply, RedisReplyError) and reply.code == "MOVED"
 
 
 class ClusterPresence(RedisPresence):
@@ -103,15 +113,15 @@ class ClusterPresence(RedisPresence):
     async def _on_node(self, node: Node, commands: Sequence[Command]) -> list[Any]:
         """Run ``commands`` on ``node``'s connection (opened and given the scripts if needed)."""
         connection = self._links.get(node)
+        calls: list[ScriptCall] = [
+            (s, (1, cluster_presence_key(ch), *args)) for s, ch, args in commands
+        ]
         try:
             if connection is None or connection.closed:
                 connection = await self._cluster.connect(node, "broadcast-presence")
                 self._links[node] = connection
                 await load_scripts(connection, SCRIPTS)
-            replies = await run_scripts(
-                connection,
-                [(s, (1, cluster_presence_key(ch), *args)) for s, ch, args in commands],
-            )
+            replies = await run_scripts(connection, calls)
         except RedisError:
             if connection is not None:
                 await connection.aclose()
@@ -120,7 +130,18 @@ class ClusterPresence(RedisPresence):
             raise
         if any(isinstance(r, RedisReplyError) and r.code == "MOVED" for r in replies):
             self._cluster.refresh_soon()
+        for index, reply in enumerate(replies):
+            if isinstance(reply, RedisReplyError) and reply.code == "ASK":
+                replies[index] = await self._ask(reply, calls[index])
         return replies
+
+    async def _ask(self, reply: RedisReplyError, call: ScriptCall) -> Any:
+        """``call`` once more on the node an ASK reply names, after ``ASKING``."""
+        target = Redirected(str(reply), str(reply)).node
+        if target is None:
+            return reply
+        script, args = call
+        return await self._cluster.ask(target, script.evalsha(args), script.eval(args))
 
     async def _call(self, commands: list[Command]) -> list[Any]:
         """As RedisPresence._call, shard by shard, within ``command_timeout`` in all."""
@@ -129,10 +150,20 @@ class ClusterPresence(RedisPresence):
         with trio.move_on_at(deadline):
             async with self._lock:
                 with trio.CancelScope(deadline=deadline, shield=True):
-                    for node, indexes in self._group([c for _, c, _ in commands]).items():
-                        answers = await self._on_node(node, [commands[i] for i in indexes])
-                        for index, answer in zip(indexes, answers, strict=True):
-                            replies[index] = answer
+                    pending = list(range(len(commands)))
+                    for attempt in (1, 2):
+                        channels = [commands[i][1] for i in pending]
+                        for node, places in self._group(channels).items():
+                            indexes = [pending[p] for p in places]
+                            answers = await self._on_node(node, [commands[i] for i in indexes])
+                            for index, answer in zip(indexes, answers, strict=True):
+                                replies[index] = answer
+                        pending = [i for i in pending if _moved(replies[i])]
+                        if not pending or attempt == 2:
+                            return replies
+                        # The slot has a new owner: read the map, send those once more there.
+                        with contextlib.suppress(RedisError):
+                            await self._cluster.refresh()
                     return replies
                 raise RedisConnectionError(f"{self.name}: no answer within the timeout")
         raise RedisConnectionError(f"{self.name}: busy for {self._command_timeout} s")

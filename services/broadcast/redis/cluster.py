@@ -12,6 +12,14 @@ All keys of a channel and its shard channel carry the channel as a hash tag
 ``SPUBLISH``es in one atomic step on one shard, and a message reaches only the shard that owns its
 channel, and there only the gateways subscribed to it. Channel names are ``[A-Za-z0-9._-]``, so the
 tag is always the whole name.
+
+Redirections: ``MOVED`` (the slot has a new owner) makes its users read the map again and send
+the command to the new owner. ``ASK <slot> <host:port>`` (the slot is being migrated and this key
+is already on the importing node, or not on the migrating one) is followed once, without
+changing the map: ``ASKING`` then the same command on a connection to that node
+(``Cluster.ask``). ``TRYAGAIN`` (a multi-key command while the slot's keys are split between the
+two nodes) is retried after a short backoff, a few times (``TRYAGAIN_DELAYS``). All keys of a
+channel share one slot, so its publish script runs whole on one node in every case.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import trio
@@ -28,8 +37,10 @@ from broadcast.redis.resp import (
     RedisConnection,
     RedisConnectionError,
     RedisError,
+    encode_command,
     open_connection,
 )
+from broadcast.redis.scripts import is_noscript
 
 log = logging.getLogger("broadcast.redis.cluster")
 
@@ -43,6 +54,11 @@ REFRESH_INTERVAL = 2.0
 # Refreshes asked for (MOVED, a lost shard) are at least this far apart, so a shard that is down
 # for seconds costs a few map reads per second, not one per failed call.
 REFRESH_GAP = 0.2
+# Waits before sending a command answered TRYAGAIN again (the slot's keys are being moved; a
+# MIGRATE of one batch of keys takes milliseconds). After the last, the caller is refused.
+TRYAGAIN_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+
+_ASKING = encode_command(("ASKING",))
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d+))?")
 
@@ -175,6 +191,8 @@ class Cluster:
         self.changed = trio.Event()
         """Set (and replaced) each time the map changes."""
         self._asked = trio.Event()
+        self._ask_links: dict[Node, RedisConnection] = {}
+        self._ask_locks: dict[Node, trio.Lock] = {}
 
     def owner(self, channel: str) -> Node | None:
         return None if self.map is None else self.map.owner(channel_slot(channel))
@@ -185,6 +203,34 @@ class Cluster:
             command_timeout=self._command_timeout,
             client_name=client_name,
         )
+
+    async def ask(self, node: Node, command: bytes, fallback: bytes | None = None) -> Any:
+        """Send ``command`` (one encoded command) once to ``node``, an ASK reply's target, right
+        after ``ASKING``; the slot map stays as it is. After a NOSCRIPT reply ``fallback`` (the
+        EVAL form) goes instead. Returns the reply (an error reply as a RedisReplyError); raises
+        RedisError when the node cannot be reached. One connection per node, one call at a
+        time on it (ASKING holds for the next command only)."""
+        async with self._ask_locks.setdefault(node, trio.Lock()):
+            connection = self._ask_links.get(node)
+            try:
+                if connection is None or connection.closed:
+                    connection = await self.connect(node, "broadcast-ask")
+                    self._ask_links[node] = connection
+                _, reply = await connection.roundtrip(_ASKING + command, 2)
+                if is_noscript(reply) and fallback is not None:
+                    _, reply = await connection.roundtrip(_ASKING + fallback, 2)
+            except RedisError:
+                self._ask_links.pop(node, None)
+                if connection is not None:
+                    await connection.aclose()
+                raise
+        return reply
+
+    async def close_links(self) -> None:
+        """Close the connections ``ask`` opened."""
+        links, self._ask_links = self._ask_links, {}
+        for connection in links.values():
+            await connection.aclose()
 
     def refresh_soon(self) -> None:
         """Read the map now (a MOVED reply, a SUNSUBSCRIBE from a server, a lost node)."""
@@ -225,12 +271,15 @@ class Cluster:
         except RedisError as exc:
             log.warning("redis cluster: %s", exc)
         task_status.started()
-        while True:
-            with trio.move_on_after(REFRESH_INTERVAL):
-                await self._asked.wait()
-            self._asked = trio.Event()
-            try:
-                await self.refresh()
-            except RedisError as exc:
-                log.debug("redis cluster: %s", exc)
-            await trio.sleep(REFRESH_GAP)
+        try:
+            while True:
+                with trio.move_on_after(REFRESH_INTERVAL):
+                    await self._asked.wait()
+                self._asked = trio.Event()
+                try:
+                    await self.refresh()
+                except RedisError as exc:
+                    log.debug("redis cluster: %s", exc)
+                await trio.sleep(REFRESH_GAP)
+        finally:
+            await self.close_links()

@@ -47,13 +47,7 @@ from broadcast.client.connection import (
 )
 from broadcast.client.failures import FAILED, REFUSED, Fatal, fatal
 from broadcast.client.link import Link, server_shut_down
-from broadcast.client.pacing import (
-    RATE_LIMITED_TRIES,
-    UNAVAILABLE_TRIES,
-    Deliveries,
-    Pacer,
-    retry_hint,
-)
+from broadcast.client.pacing import Deliveries, Pacer, Retries
 from broadcast.client.render import (
     connected_line,
     disconnected_line,
@@ -167,7 +161,7 @@ class ChatRoom:
 
     # --- Sink: called by the Link -------------------------------------------------
 
-    def connected(self, chat: ChatConnection) -> None:
+    async def connected(self, chat: ChatConnection) -> None:
         self._chat = chat
         self._pacer = Pacer.for_welcome(chat.welcome)
         self._online.set()
@@ -186,7 +180,7 @@ class ChatRoom:
         self._channel = chat.channel
         self._arrived.set()
 
-    def received(self, frame: Frame) -> None:
+    async def received(self, frame: Frame) -> None:
         kind, event = frame.kind, frame.event
         if kind in ("ack", "error") and self._deliveries.answer(event):
             return  # the sender waits for it, and tells
@@ -206,7 +200,7 @@ class ChatRoom:
         elif (line := render_event(event)) is not None:
             self._show(line)
 
-    def disconnected(self, error: ChatError, retry_in: float) -> None:
+    async def disconnected(self, error: ChatError, retry_in: float) -> None:
         """The first failure of an outage gets a line of its own; the next ones update the
         status line in place."""
         self.ended()
@@ -263,7 +257,7 @@ class ChatRoom:
 
     async def _deliver(self, text: str, number: int) -> None:
         """Send ``text`` until the server acks it, or it is clear that it cannot."""
-        rate_limited = unavailable = 0
+        retries = Retries()
         while True:
             chat = await self._connection()
             if chat is None:
@@ -287,16 +281,10 @@ class ChatRoom:
                 self.tally.delivered += 1
                 self._show(message_line(chat.name, text, time.time()))
                 return
-            code = answer.get("code")
-            if code == "rate_limited" and rate_limited < RATE_LIMITED_TRIES:
-                rate_limited += 1
-                self._pacer.refused()
-            elif code == "bus_unavailable" and unavailable < UNAVAILABLE_TRIES:
-                unavailable += 1
-            else:
+            if (delay := retries.delay(answer, self._pacer)) is None:
                 self._undelivered(number, text, error_text(answer), shown=error_line(answer))
                 return
-            await trio.sleep(retry_hint(answer))
+            await trio.sleep(delay)
 
     async def _connection(self) -> ChatConnection | None:
         """The connection to send on; from a pipe, wait a while for one that is down."""

@@ -92,7 +92,7 @@ class ChatError(Exception):
 
     ``code`` is the WebSocket close code when the server closed the connection with one;
     ``retry_after`` the seconds of a ``503`` refusal's ``Retry-After`` (a full or draining
-    gateway saying when to come back).
+    gateway saying when to come back), or of a 1012 close's ``reconnect in 1.27 s``.
     """
 
     def __init__(
@@ -240,11 +240,18 @@ class ChatConnection:
         """Ask to be called ``name``; the server answers with a ``welcome`` or an ``error``."""
         await self._send({"type": "hello", "name": name})
 
-    async def publish(self, text: str, ref: str) -> None:
-        """Send one message; the server answers with an ``ack`` or ``error`` carrying ``ref``."""
+    async def publish(self, text: str, ref: str, idempotency_key: str | None = None) -> None:
+        """Send one message; the server answers with an ``ack`` or ``error`` carrying ``ref``.
+
+        With an ``idempotency_key``, sending it again (after a lost answer) publishes nothing
+        twice: the server acks the repeat with the first one's id.
+        """
         # A lone surrogate (from a broken terminal or pipe) cannot be encoded as UTF-8.
         text = text.encode("utf-8", "replace").decode("utf-8")
-        await self._send({"type": "publish", "text": text, "ref": ref})
+        command = {"type": "publish", "text": text, "ref": ref}
+        if idempotency_key is not None:
+            command["idempotency_key"] = idempotency_key
+        await self._send(command)
 
     async def who(self) -> None:
         """Ask who is in our channel; the server answers with a ``presence`` event."""
@@ -300,7 +307,19 @@ def _lost(exc: ConnectionClosed) -> ConnectionLost | Denied:
     """Why a welcomed connection ended: a network matter, or our token's end (4001)."""
     if _is_unauthorized(exc):
         return _denied_by_close(exc)
-    return ConnectionLost(describe_close(exc.reason), _close_code(exc))
+    code = _close_code(exc)
+    hint = drain_hint(exc.reason) if code == CloseCode.SERVICE_RESTART else None
+    return ConnectionLost(describe_close(exc.reason), code, retry_after=hint)
+
+
+# A draining gateway's close reason ends with the delay it drew for this client.
+_RECONNECT_IN = re.compile(r"reconnect in (\d{1,4}(?:\.\d+)?) s$")
+
+
+def drain_hint(reason: CloseReason | None) -> float | None:
+    """The seconds of a 1012 close's ``… reconnect in 1.27 s``; None without one."""
+    found = _RECONNECT_IN.search(reason.reason or "") if reason is not None else None
+    return min(float(found[1]), _RETRY_AFTER_LIMIT) if found else None
 
 
 def _close_code(exc: ConnectionClosed) -> int | None:

@@ -50,13 +50,17 @@ FIRST_CONNECTION_BUSY_TRIES = 5
 
 
 class Sink(Protocol):
-    """What a Link reports to; called from the Link's task, one call at a time."""
+    """What a Link reports to; called from the Link's task, one call at a time.
 
-    def connected(self, chat: ChatConnection) -> None: ...
+    Awaited, so that a sink that hands events to a bounded queue (realtime.py) holds the Link
+    back while its reader is busy, rather than dropping events or buffering without end.
+    """
 
-    def received(self, frame: Frame) -> None: ...
+    async def connected(self, chat: ChatConnection) -> None: ...
 
-    def disconnected(self, error: ChatError, retry_in: float) -> None: ...
+    async def received(self, frame: Frame) -> None: ...
+
+    async def disconnected(self, error: ChatError, retry_in: float) -> None: ...
 
 
 def server_shut_down(error: ChatError) -> bool:
@@ -114,7 +118,7 @@ class Link:
                     if self.seen.epoch is None and self.seen.newest_text is None:
                         self.seen.epoch = chat.epoch
                     self._chat = chat
-                    self._sink.connected(chat)
+                    await self._sink.connected(chat)
                     await self._relay(chat)
                 self._chat = None
                 if self._leaving:
@@ -128,7 +132,7 @@ class Link:
                 self.seen = SeenMessages()
                 self.epoch = None
                 self._welcomed = True  # its history was shown once already; not again
-                self._sink.received(Frame(json.dumps(refused.event), dict(refused.event)))
+                await self._sink.received(Frame(json.dumps(refused.event), dict(refused.event)))
             except ChatError as error:
                 self._chat = None
                 if self._leaving:
@@ -142,7 +146,7 @@ class Link:
                 if lasted is not None and lasted >= STABLE_SECONDS:
                     self._backoff.reset()
                 delay = self._next_delay(error)
-                self._sink.disconnected(error, delay)
+                await self._sink.disconnected(error, delay)
                 with trio.CancelScope() as self._waiting:
                     await trio.sleep(delay)
 
@@ -154,12 +158,14 @@ class Link:
         return False
 
     def _next_delay(self, error: ChatError) -> float:
-        """At once (a little jitter) for a draining gateway, unless that is all we get; no
-        sooner than a 503's Retry-After."""
+        """For a draining gateway, the delay it drew for us (1012 ``reconnect in 1.27 s``) or
+        at once (a little jitter), unless that is all we get; no sooner than a 503's
+        Retry-After."""
+        if server_shut_down(error) and self._backoff.failures == 0:
+            soon = self._backoff.soon()  # counts the failure: the next one backs off
+            return soon if error.retry_after is None else error.retry_after
         if error.retry_after is not None:
             return self._backoff.at_least(error.retry_after)
-        if server_shut_down(error) and self._backoff.failures == 0:
-            return self._backoff.soon()
         return self._backoff.next_delay()
 
     async def _relay(self, chat: ChatConnection) -> None:
@@ -175,7 +181,7 @@ class Link:
                 if self.seen.admit(frame):
                     if chat.replay is not None:
                         chat.replay.note(frame)
-                    self._sink.received(frame)
+                    await self._sink.received(frame)
         except ConnectionLost:
             if not (self._leaving or self._moving):
                 raise

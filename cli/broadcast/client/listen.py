@@ -58,13 +58,13 @@ class Listener:
         self._outages = 0  # failed attempts since the connection was last up
         self._status = StatusLine(sys.stderr)
 
-    def connected(self, chat: ChatConnection) -> None:
+    async def connected(self, chat: ChatConnection) -> None:
         self._replay = chat.replay
         self._outages = 0
         self._status.clear()
         _status(connected_line(self._target.url, chat.name, chat.channel))
 
-    def received(self, frame: Frame) -> None:
+    async def received(self, frame: Frame) -> None:
         if frame.kind == "error":  # e.g. a replay the server could not give: say so
             _status(error_line(frame.event))
             return
@@ -79,7 +79,7 @@ class Listener:
         if line is not None:
             print(line, flush=True)
 
-    def disconnected(self, error: ChatError, retry_in: float) -> None:
+    async def disconnected(self, error: ChatError, retry_in: float) -> None:
         self._outages += 1
         if self._outages > 1:
             self._status.update(Outage(self._target.url, error.reason, retry_in, self._outages))

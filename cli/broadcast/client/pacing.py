@@ -40,8 +40,6 @@ MIN_RETRY_SECONDS = 0.05
 RATE_LIMITED_TRIES = 20  # each waits the server's hint: a server that keeps saying "later"
 UNAVAILABLE_TRIES = 5  # bus_unavailable: the server's Redis is away; a few seconds' grace
 
-RETRYABLE = frozenset({"rate_limited", "bus_unavailable"})
-
 _TRY_AGAIN = re.compile(r"(?:try again|retry) in (\d+(?:\.\d+)?) ?s\b")
 
 
@@ -112,6 +110,33 @@ class Pacer:
         rate = DEFAULT_PER_SECOND if self._bucket is None else self._bucket.rate
         self._bucket = TokenBucket(max(MIN_PER_SECOND, rate / 2), 1, trio.current_time)
         self._bucket.try_take()
+
+
+@dataclass
+class Retries:
+    """Which refusals of one message are worth sending it again for, and how often.
+
+    ``rate_limited`` (too early: the pace halves) and ``bus_unavailable`` (the server's Redis is
+    away) pass with time; ``idempotency_pending`` (the same key still being published, after a
+    resend) too. Anything else is the server's answer for good.
+    """
+
+    rate_limited: int = 0
+    unavailable: int = 0
+
+    def delay(self, answer: Mapping[str, Any], pacer: Pacer) -> float | None:
+        """Seconds to wait before sending the refused message again; None: give it up."""
+        code = answer.get("code")
+        if code == "rate_limited" and self.rate_limited < RATE_LIMITED_TRIES:
+            self.rate_limited += 1
+            pacer.refused()
+        elif code in ("bus_unavailable", "idempotency_pending") and (
+            self.unavailable < UNAVAILABLE_TRIES
+        ):
+            self.unavailable += 1
+        else:
+            return None
+        return retry_hint(answer)
 
 
 @dataclass

@@ -89,6 +89,13 @@ class SeenMessages:
             self.newest_text = str(raw)  # a str: message_id parsed it
         return True
 
+    def resume_from(self, message_id: str, epoch: str | None = None) -> None:
+        """Start as if ``message_id`` of ``epoch`` were the newest message seen: a client
+        that kept its place (in a file, say) resumes there instead of asking for history."""
+        key = parse_message_id(message_id)  # ValueError for anything but an id
+        self._remember(key)
+        self._newest, self.newest_text, self.epoch = key, message_id, epoch
+
     def _remember(self, key: MessageId) -> None:
         if len(self._order) >= self._capacity:
             self._ids.discard(self._order.popleft())

@@ -28,13 +28,7 @@ from broadcast.client.connection import (
     open_chat,
 )
 from broadcast.client.failures import FAILED, ONE_SHOT_FAILURES, REFUSED, one_shot_failure, report
-from broadcast.client.pacing import (
-    RATE_LIMITED_TRIES,
-    UNAVAILABLE_TRIES,
-    Deliveries,
-    Pacer,
-    retry_hint,
-)
+from broadcast.client.pacing import Deliveries, Pacer, Retries
 from broadcast.client.render import error_text
 from broadcast.client.sanitize import sanitize
 from broadcast.protocol.errors import ProtocolError
@@ -99,7 +93,7 @@ class Sender:
 
     async def deliver(self, text: str) -> dict[str, object]:
         """The ``ack``, or the ``error`` that refused ``text`` for good; NoAnswer otherwise."""
-        rate_limited = unavailable = 0
+        retries = Retries()
         while True:
             await self._pacer.wait()
             if self._lost is not None:
@@ -118,15 +112,9 @@ class Sender:
                 raise NoAnswer(f"connection lost: {self._lost}", maybe_sent=True)
             if answer.get("type") == "ack":
                 return answer
-            code = answer.get("code")
-            if code == "rate_limited" and rate_limited < RATE_LIMITED_TRIES:
-                rate_limited += 1
-                self._pacer.refused()
-            elif code == "bus_unavailable" and unavailable < UNAVAILABLE_TRIES:
-                unavailable += 1
-            else:
+            if (delay := retries.delay(answer, self._pacer)) is None:
                 return answer
-            await trio.sleep(retry_hint(answer))
+            await trio.sleep(delay)
 
 
 async def run_send(target: Target, text: str | None, seconds: float, *, fd: int = 0) -> int:

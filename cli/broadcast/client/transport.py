@@ -126,7 +126,7 @@ async def open_websocket(
             finally:
                 await close_politely(ws)
     except BaseExceptionGroup as group:
-        sole = _sole_exception(group)
+        sole = sole_exception(group)
         if sole is group:
             raise
         raise sole from sole.__cause__
@@ -177,8 +177,8 @@ def _tls_reason(cause: BaseException | None) -> str:
     return "the connection ended" if cause is None else str(cause) or type(cause).__name__
 
 
-def _sole_exception(group: BaseExceptionGroup) -> BaseException:
-    """What the nursery of one reader task and our own code means to raise, as
+def sole_exception(group: BaseExceptionGroup) -> BaseException:
+    """What a nursery of background tasks and our own code means to raise, as
     ``open_websocket_url`` does: the one exception that is not a Cancelled, else a Cancelled.
     Anything less clear (two real failures at once) stays the group it is."""
     real = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]

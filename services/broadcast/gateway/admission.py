@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -94,12 +95,23 @@ class Admission:
     new_sessions: TokenBucket | None = None
     """How fast sessions may start; past it, clients are told to come back (503)."""
     _hinted: dict[str, float] = field(default_factory=dict)
+    _busy_since: float = -1.0
+    _refused_recently: int = 0
 
     def _busy(self) -> ProtocolError | None:
-        """A reconnect storm is admitted at a pace the gateway can serve, not all at once."""
+        """A reconnect storm is admitted at a pace the gateway can serve, not all at once.
+
+        Each refused client is given its own time to come back, spread over how long the
+        clients refused in the last second would take at the admitted rate: told "1 s" all
+        together, they would all come back together and most be refused again."""
         if self.new_sessions is None or self.new_sessions.try_take():
             return None
-        wait = max(0.1, self.new_sessions.retry_after())
+        now = trio.current_time()
+        if now - self._busy_since >= 1.0:
+            self._busy_since, self._refused_recently = now, 0
+        self._refused_recently += 1
+        backlog = self._refused_recently / self.new_sessions.rate
+        wait = max(0.1, self.new_sessions.retry_after()) + random.uniform(0, backlog)
         return ProtocolError(
             ErrorCode.SERVER_BUSY,
             f"too many clients connecting at once; try again in {wait:.1f} s",

@@ -31,6 +31,8 @@ from broadcast.protocol.sniff import is_request_line
 from broadcast.protocol.validate import check_channel, check_name, check_text
 from broadcast.security import AuthError
 
+# Names in a line client's /who answer at most (one line, under the line limit).
+_WHO_NAMES_SHOWN = 100
 # Of the line idle timeout, the part after which a silent client is asked to say something.
 _NUDGE_FRACTION = 3 / 4
 
@@ -125,8 +127,11 @@ class LineSession(ClientSession):
                 await self.change_identity(None, check_channel(command.channel))
                 self.send(render_notice(f"you are now in #{self.channel}"))
             elif isinstance(command, Who):
-                members = ", ".join(await self.who())
-                self.send(render_notice(f"here in #{self.channel}: {members}"))
+                members = await self.who()
+                shown = ", ".join(members[:_WHO_NAMES_SHOWN])
+                if len(members) > _WHO_NAMES_SHOWN:
+                    shown += f" and {len(members) - _WHO_NAMES_SHOWN} more"
+                self.send(render_notice(f"here in #{self.channel}: {shown}"))
             elif isinstance(command, Quit):
                 return Quit
         except ProtocolError as error:

@@ -41,20 +41,36 @@ LARGE_INTERVAL_SECONDS: Final = 5.0
 NAMES_PER_DIFF: Final = 50
 # A member list read serves every client that asks within this long.
 SNAPSHOT_SECONDS: Final = 0.5
+# Names in a ``presence`` event at most (with ``count`` for all): a joiner of a channel of 10,000
+# gets a first page, not 10,000 names, so a storm of joins stays O(1) bytes per join.
+PRESENCE_LIST_LIMIT: Final = 1000
 
 
 @dataclass
 class _Changes:
-    joined: list[str] = field(default_factory=list)
-    left: list[str] = field(default_factory=list)
+    """Arrivals and departures not told yet, as ordered sets (dict keys): O(1) per change."""
+
+    joined: dict[str, None] = field(default_factory=dict)
+    left: dict[str, None] = field(default_factory=dict)
     since: float = 0.0
 
-    def add(self, bucket: list[str], other: list[str], name: str) -> None:
+    def add(self, bucket: dict[str, None], other: dict[str, None], name: str) -> None:
         """One arrival (or departure); one that undoes a pending opposite cancels it."""
         if name in other:
-            other.remove(name)
+            del other[name]
         else:
-            bucket.append(name)
+            bucket[name] = None
+
+
+@dataclass
+class _Snapshot:
+    """One read of the presence store, shared by every client that asks while it is fresh."""
+
+    read_at: float
+    names: list[str]
+    name_set: frozenset[str]
+    event: bytes | None = None
+    """The ``presence`` event of a large channel, encoded once for every joiner."""
 
 
 class PresenceNotices:
@@ -73,7 +89,7 @@ class PresenceNotices:
         self._interval = interval
         self._large_interval = large_interval
         self._changes: dict[str, _Changes] = {}
-        self._snapshots: dict[str, tuple[float, list[str]]] = {}
+        self._snapshots: dict[str, _Snapshot] = {}
         self._reads: dict[str, trio.Event] = {}
         self._diffs_seen: dict[str, int] = {}
         self.published = 0
@@ -118,8 +134,8 @@ class PresenceNotices:
         event = {
             "type": "presence_diff",
             "channel": channel,
-            "joined": changes.joined[:NAMES_PER_DIFF],
-            "left": changes.left[:NAMES_PER_DIFF],
+            "joined": list(changes.joined)[:NAMES_PER_DIFF],
+            "left": list(changes.left)[:NAMES_PER_DIFF],
             "more_joined": max(0, len(changes.joined) - NAMES_PER_DIFF),
             "more_left": max(0, len(changes.left) - NAMES_PER_DIFF),
             "ts": round(time.time(), 3),
@@ -136,17 +152,49 @@ class PresenceNotices:
         A shared read may predate this gateway's latest arrivals: those not yet told are
         added (and departures removed), so a client always finds itself in the list.
         """
-        members = await self._shared_read(channel)
+        snapshot = await self._shared_read(channel)
         changes = self._changes.get(channel)
-        if changes is None:
-            return members
-        return sorted((set(members) | set(changes.joined)) - set(changes.left))
+        if changes is None or not (changes.joined or changes.left):
+            return snapshot.names
+        merged = (snapshot.name_set | changes.joined.keys()) - changes.left.keys()
+        return sorted(merged)
 
-    async def _shared_read(self, channel: str) -> list[str]:
+    async def contains(self, channel: str, name: str) -> bool:
+        """Whether ``name`` is in ``channel``: O(1), whatever the channel's size."""
+        snapshot = await self._shared_read(channel)
+        changes = self._changes.get(channel)
+        if changes is not None:
+            if name in changes.joined:
+                return True
+            if name in changes.left:
+                return False
+        return name in snapshot.name_set
+
+    async def presence_event(self, channel: str) -> bytes:
+        """The ``presence`` event for ``channel``: every name in a small channel; in a large
+        one the first ``PRESENCE_LIST_LIMIT`` and the count, encoded once per read."""
+        snapshot = await self._shared_read(channel)
+        if len(snapshot.names) <= PRESENCE_LIST_LIMIT:
+            members = await self.members(channel)
+            event = {"type": "presence", "channel": channel, "members": members}
+            event["count"] = len(members)
+            return encode(event).encode()
+        if snapshot.event is None:
+            shown = snapshot.names[:PRESENCE_LIST_LIMIT]
+            event = {
+                "type": "presence",
+                "channel": channel,
+                "members": shown,
+                "count": len(snapshot.names),
+            }
+            snapshot.event = encode(event).encode()
+        return snapshot.event
+
+    async def _shared_read(self, channel: str) -> _Snapshot:
         while True:
             snapshot = self._snapshots.get(channel)
-            if snapshot is not None and trio.current_time() - snapshot[0] < SNAPSHOT_SECONDS:
-                return snapshot[1]
+            if snapshot is not None and trio.current_time() - snapshot.read_at < SNAPSHOT_SECONDS:
+                return snapshot
             reading = self._reads.get(channel)
             if reading is None:
                 break
@@ -157,11 +205,12 @@ class PresenceNotices:
         started, diffs_seen = trio.current_time(), self._diffs_seen.get(channel, 0)
         try:
             members = await self._presence.members(channel)
+            snapshot = _Snapshot(started, members, frozenset(members))
             if self._diffs_seen.get(channel, 0) == diffs_seen:  # nothing told meanwhile
                 if len(self._snapshots) > 10_000:
                     self._snapshots.clear()
-                self._snapshots[channel] = (started, members)
-            return members
+                self._snapshots[channel] = snapshot
+            return snapshot
         finally:
             if self._reads.get(channel) is done:
                 del self._reads[channel]

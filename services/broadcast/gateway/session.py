@@ -363,12 +363,12 @@ class ClientSession:
         there several times (tabs, devices) under the name their token gives."""
         if self.identity is not None or name.startswith("guest-"):
             return False
+        if self._joined and (name, channel) == (self.name, self.channel):
+            return False
         try:
-            members = await self.ctx.notices.members(channel)
+            return await self.ctx.notices.contains(channel, name)
         except BusUnavailable:
             return False
-        ours = self._joined and (name, channel) == (self.name, self.channel)
-        return name in members and not ours
 
     async def _keep_name_unless_taken(self) -> None:
         if await self._taken(self.name, self.channel):

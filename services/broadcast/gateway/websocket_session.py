@@ -21,6 +21,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from broadcast.bus.base import BusUnavailable
 from broadcast.gateway.admission import WebSocketHandshake
 from broadcast.gateway.budget import ClientBudget
 from broadcast.gateway.context import SessionContext
@@ -268,8 +269,13 @@ class WebSocketSession(ClientSession):
             self.refuse(error)
 
     async def _send_presence(self) -> None:
-        members = await self.who()
-        self.send_event({"type": "presence", "channel": self.channel, "members": members})
+        try:
+            event = await self.ctx.notices.presence_event(self.channel)
+        except BusUnavailable:
+            raise ProtocolError(
+                ErrorCode.BUS_UNAVAILABLE, "presence is unavailable, try again"
+            ) from None
+        self.send(encode_text_frame(event))
 
     def goodbye(self) -> bytes:
         return encode_close_frame(CloseCode.NORMAL)

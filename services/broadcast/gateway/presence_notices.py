@@ -176,12 +176,12 @@ class PresenceNotices:
         snapshot = await self._shared_read(channel)
         if len(snapshot.names) <= PRESENCE_LIST_LIMIT:
             members = await self.members(channel)
-            event = {"type": "presence", "channel": channel, "members": members}
-            event["count"] = len(members)
-            return encode(event).encode()
+            small: dict[str, object] = {"type": "presence", "channel": channel}
+            small.update(members=members, count=len(members))
+            return encode(small).encode()
         if snapshot.event is None:
             shown = snapshot.names[:PRESENCE_LIST_LIMIT]
-            event = {
+            event: dict[str, object] = {
                 "type": "presence",
                 "channel": channel,
                 "members": shown,

@@ -19,6 +19,7 @@ import logging
 import math
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -63,6 +64,14 @@ REFRESH_BATCH = 1000
 Command = tuple[Script, str, Sequence[Arg]]  # script, channel, arguments
 
 
+@dataclass(eq=False)
+class _PendingWrite:
+    command: Command
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Any = None
+    error: RedisError | None = None
+
+
 class RedisPresence:
     """The PresenceStore of base.py on Redis; see the module docstring for the design."""
 
@@ -91,6 +100,8 @@ class RedisPresence:
         self._entries = LocalEntries(watch_seconds=WATCH_TTLS * ttl)
         self._connection: RedisConnection | None = None
         self._lock = trio.Lock()  # one command (or pipeline) on the connection at a time
+        self._pending_writes: list[_PendingWrite] = []
+        self._flushing = False
         self._lost = trio.Event()  # set by a call that lost the connection: reconnect now
         self._lost_reason = ""
         self._running = False
@@ -234,16 +245,49 @@ class RedisPresence:
     async def _write(
         self, channel: str, removals: list[str], additions: list[str], what: str
     ) -> bool:
-        """One update now; False (logged at debug) if Redis did not take it."""
-        try:
-            (reply,) = await self._call([self._update(channel, removals, additions, sweep=False)])
-        except RedisError as exc:
-            log.debug("presence %s in %s left for the next refresh: %s", what, channel, exc)
+        """One update now; False (logged at debug) if Redis did not take it.
+
+        Writes that arrive while one is on its way go together in the next round trip (a
+        group commit): a storm of joins costs a few pipelined round trips, not one each in
+        turn behind the connection's lock."""
+        pending = _PendingWrite(self._update(channel, removals, additions, sweep=False))
+        self._pending_writes.append(pending)
+        if self._flushing:
+            await pending.done.wait()
+        else:
+            await self._flush_writes()
+        if pending.error is not None:
+            log.debug(
+                "presence %s in %s left for the next refresh: %s", what, channel, pending.error
+            )
             return False
+        reply = pending.reply
         if isinstance(reply, RedisReplyError):
             log.debug("redis refused a presence %s in %s: %s", what, channel, reply)
             return False
         return True
+
+    async def _flush_writes(self) -> None:
+        """Send every pending write, in batches, until none is left. Shielded: the writers
+        waiting on this batch must not hang because the task that carries it was cancelled
+        (each round trip is bounded by ``command_timeout``)."""
+        self._flushing = True
+        try:
+            with trio.CancelScope(shield=True):
+                while self._pending_writes:
+                    batch, self._pending_writes = self._pending_writes, []
+                    try:
+                        replies = await self._call([write.command for write in batch])
+                    except RedisError as exc:
+                        for write in batch:
+                            write.error = exc
+                    else:
+                        for write, reply in zip(batch, replies, strict=True):
+                            write.reply = reply
+                    for write in batch:
+                        write.done.set()
+        finally:
+            self._flushing = False
 
     async def _call(self, commands: list[Command]) -> list[Any]:
         """Run ``commands`` on the shared connection within ``command_timeout``, the wait for the

@@ -38,8 +38,9 @@ HISTORY_MAX_AGE_SECONDS: Final = 3600
 RECOVERY_LIMIT: Final = 1000
 
 # Connections one gateway serves at once; past it new clients are refused with server_full.
-# A connection costs ~20 KiB here; keep this under the process's file limit (ulimit -n).
-MAX_CONNECTIONS: Final = 10000
+# An idle one costs ~10 KiB, so 20,000 is ~200 MiB: room for a 10,000-client storm and its
+# monitors. At start it is lowered, with one log line, to fit the file limit (ulimit -n).
+MAX_CONNECTIONS: Final = 20000
 
 # A WebSocket client is pinged after a third of this without a word from it, and closed (4010)
 # after all of it: a half-open connection does not hold a slot and an outbox for ever.

@@ -25,10 +25,9 @@ channel share one slot, so its publish script runs whole on one node in every ca
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import trio
 
@@ -41,6 +40,7 @@ from broadcast.redis.resp import (
     open_connection,
 )
 from broadcast.redis.scripts import is_noscript
+from broadcast.redis.urls import parse_host_list_url
 
 log = logging.getLogger("broadcast.redis.cluster")
 
@@ -60,7 +60,6 @@ TRYAGAIN_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 
 _ASKING = encode_command(("ASKING",))
 
-_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d+))?")
 
 Node = tuple[str, int]
 
@@ -121,27 +120,10 @@ class ClusterConfig:
 
 def parse_cluster_url(url: str) -> ClusterConfig:
     """The URL of the module docstring; ValueError (never quoting the URL) if it is not one."""
-    parts = urlsplit(url)
-    if parts.scheme != SCHEME:
-        raise ValueError(f"not a {SCHEME}:// URL")
-    userinfo, at, hostlist = parts.netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon and secret else None
-    seeds = []
-    for item in hostlist.split(","):
-        match = _HOST_PORT.fullmatch(item.strip())
-        if match is None:
-            raise ValueError("the Cluster URL needs HOST[:PORT] entries separated by commas")
-        port = int(match["port"]) if match["port"] else DEFAULT_PORT
-        if not 0 < port < 65536:
-            raise ValueError("the Cluster URL has an invalid port")
-        seeds.append((match["v6"] or match["host"], port))
-    if parts.path.strip("/") not in ("", "0"):
+    parsed = parse_host_list_url(url, SCHEME, "Cluster", DEFAULT_PORT)
+    if parsed.parts.path.strip("/") not in ("", "0"):
         raise ValueError("a Redis Cluster has only database 0")
-    return ClusterConfig(tuple(seeds), username, password)
+    return ClusterConfig(parsed.hosts, parsed.username, parsed.password)
 
 
 class SlotMap:

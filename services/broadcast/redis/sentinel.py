@@ -26,12 +26,11 @@ How the primary is followed:
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote
 
 import trio
 
@@ -44,6 +43,7 @@ from broadcast.redis.resp import (
     encode_command,
     open_connection,
 )
+from broadcast.redis.urls import parse_host_list_url
 
 log = logging.getLogger("broadcast.redis.sentinel")
 
@@ -54,8 +54,6 @@ DEFAULT_SENTINEL_PORT = 26379
 POLL_INTERVAL = 5.0
 # The watcher's subscription is PINGed when idle and given up after this long without an answer.
 WATCH_PING_INTERVAL = 5.0
-
-_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d+))?")
 
 
 @dataclass(frozen=True)
@@ -91,24 +89,8 @@ class SentinelConfig:
 
 def parse_sentinel_url(url: str) -> SentinelConfig:
     """The URL of the module docstring; ValueError (never quoting the URL) if it is not one."""
-    parts = urlsplit(url)
-    if parts.scheme != SCHEME:
-        raise ValueError(f"not a {SCHEME}:// URL")
-    userinfo, at, hostlist = parts.netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon and secret else None
-    sentinels = []
-    for item in hostlist.split(","):
-        match = _HOST_PORT.fullmatch(item.strip())
-        if match is None:
-            raise ValueError("the Sentinel URL needs HOST[:PORT] entries separated by commas")
-        port = int(match["port"]) if match["port"] else DEFAULT_SENTINEL_PORT
-        if not 0 < port < 65536:
-            raise ValueError("the Sentinel URL has an invalid port")
-        sentinels.append((match["v6"] or match["host"], port))
+    parsed = parse_host_list_url(url, SCHEME, "Sentinel", DEFAULT_SENTINEL_PORT)
+    parts = parsed.parts
     path = [unquote(segment) for segment in parts.path.split("/")[1:] if segment]
     if not path or len(path) > 2:
         raise ValueError("the Sentinel URL must end with /MASTER_NAME or /MASTER_NAME/DB")
@@ -120,11 +102,11 @@ def parse_sentinel_url(url: str) -> SentinelConfig:
     sentinel_password = query.get("sentinel_password", [None])[0]
     sentinel_username = query.get("sentinel_username", [None])[0]
     return SentinelConfig(
-        tuple(sentinels),
+        parsed.hosts,
         path[0],
         db,
-        username,
-        password,
+        parsed.username,
+        parsed.password,
         sentinel_username or None,
         sentinel_password or None,
     )

@@ -72,7 +72,7 @@ async def test_who_json_prints_the_presence_event(gateway_process: GatewayProces
         assert result.returncode == 0, result.stderr
         lines = result.stdout.decode().splitlines()
         assert [json.loads(line) for line in lines] == [
-            {"type": "presence", "channel": channel, "members": ["carol"]}
+            {"type": "presence", "channel": channel, "members": ["carol"], "count": 1}
         ]
 
 

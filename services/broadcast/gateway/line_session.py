@@ -13,7 +13,6 @@ import trio
 from broadcast.gateway.budget import ClientBudget
 from broadcast.gateway.context import SessionContext
 from broadcast.gateway.session import RECEIVE_BYTES, ClientSession
-from broadcast.protocol.envelope import decode
 from broadcast.protocol.errors import ErrorCode, ProtocolError
 from broadcast.protocol.lines import (
     JoinChannel,
@@ -24,7 +23,6 @@ from broadcast.protocol.lines import (
     Who,
     parse_line,
     render_error,
-    render_event,
     render_notice,
 )
 from broadcast.protocol.sniff import is_request_line
@@ -63,9 +61,6 @@ class LineSession(ClientSession):
 
     def greet(self) -> None:
         self.send(self._welcome())
-
-    def render_payload(self, payload: bytes) -> bytes:
-        return render_event(decode(payload)) or b""
 
     def error_bytes(self, error: ProtocolError) -> bytes:
         return render_error(error)

@@ -92,7 +92,6 @@ class PresenceNotices:
         self._snapshots: dict[str, _Snapshot] = {}
         self._reads: dict[str, trio.Event] = {}
         self._diffs_seen: dict[str, int] = {}
-        self.published = 0
 
     def joined(self, channel: str, name: str) -> None:
         changes = self._pending(channel)
@@ -142,7 +141,6 @@ class PresenceNotices:
         }
         try:
             await self._bus.publish_event(channel, encode(event).encode())
-            self.published += 1
         except BusUnavailable:
             log.info("presence changes in #%s not told: the bus is unavailable", channel)
 

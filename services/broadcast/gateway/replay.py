@@ -65,8 +65,6 @@ class _Batch:
     payloads: list[bytes] = field(default_factory=list)
     ids: list[tuple[int, int]] = field(default_factory=list)
     complete: bool = True
-    cut: bool = False
-    """The read was limited: older messages exist that it does not hold."""
     epoch: str = ""
     reset: bool = False
     _frames: list[bytes] | None = None
@@ -136,7 +134,6 @@ class ReplayReads:
             payloads=history.messages,
             ids=ids,
             complete=history.complete,
-            cut=not history.complete,
             epoch=history.epoch,
             reset=history.reset,
         )
@@ -146,7 +143,7 @@ def _share(batch: _Batch, recovery: Recovery) -> Replay:
     """This request's slice of a shared read, and whether it is complete for it."""
     if recovery.since is None:
         start = max(0, len(batch.payloads) - recovery.last)
-        complete = batch.complete or len(batch.payloads) - start < len(batch.payloads)
+        complete = batch.complete or start > 0  # more than asked for: the newest N are all here
         return Replay(batch, start, complete)
     if batch.reset:  # the client's ids belong to another history: all of this one is new
         return Replay(batch, 0, batch.complete)

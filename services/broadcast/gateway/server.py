@@ -171,14 +171,6 @@ class Gateway:
     def ready(self) -> bool:
         return self.bus.ready and self.probe.live and not self.draining
 
-    @property
-    def default_channel(self) -> str:
-        return self.context.default_channel
-
-    @property
-    def idle_timeout(self) -> float:
-        return self.context.idle_timeout
-
     def connection_count(self) -> int:
         """Clients with a session on this gateway."""
         return len(self._sessions)

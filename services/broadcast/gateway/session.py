@@ -175,6 +175,11 @@ class ClientSession:
 
     # -- budgets ---------------------------------------------------------------------------
 
+    def tell(self, error: ProtocolError) -> None:
+        """Count a refusal and tell the client of it."""
+        self.ctx.stats.count_error(error.code)
+        self.send(self.error_bytes(error))
+
     def refuse(self, error: ProtocolError) -> None:
         """Tell the client its input was refused. Rate-limit refusals count as strikes; a
         client that keeps going after being told is cut (4029, ``too_many_errors``)."""
@@ -210,8 +215,7 @@ class ClientSession:
                 self.budget.charge_command()
         except ProtocolError as error:
             error.ref = ref
-            self.ctx.stats.count_error(error.code)
-            self.send(self.error_bytes(error))
+            self.tell(error)
             return False
         except TooManyRequests:
             self._cut()
@@ -441,10 +445,6 @@ class ClientSession:
 
     async def joined(self) -> None:
         """Called once the client is in its channel (after any replay)."""
-
-    def render_payload(self, payload: bytes) -> bytes:
-        """One bus payload as this client reads it (a replay; live fan-out encodes in the hub)."""
-        raise NotImplementedError
 
     def error_bytes(self, error: ProtocolError) -> bytes:
         """A refusal as this client reads it."""

@@ -138,8 +138,7 @@ class WebSocketSession(ClientSession):
     def greet(self) -> None:
         self._welcome()
         for error in self._query_errors:
-            self.ctx.stats.count_error(error.code)
-            self.send(self.error_bytes(error))
+            self.tell(error)
 
     def check_alive(self, now: float) -> None:
         """Ping a quiet client; close one that has said nothing, not even a pong, for too long.
@@ -153,9 +152,6 @@ class WebSocketSession(ClientSession):
             self.outbox.close(encode_close_frame(CloseCode.IDLE, "idle: no reply to ping"))
         elif quiet_for >= idle_timeout / 3:
             self.send(encode_ping_frame(b"keepalive"))
-
-    def render_payload(self, payload: bytes) -> bytes:
-        return encode_text_frame(payload)
 
     def recovered(self, count: int, complete: bool, epoch: str, reset: bool) -> None:
         event: dict[str, object] = {
